@@ -1,0 +1,1 @@
+"""SQL inspection: dialect inspectors that turn SQL text into `StatementInfo` attributes."""

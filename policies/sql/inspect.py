@@ -1,0 +1,124 @@
+"""Dialect dispatch and the bounded inspection cache.
+
+Inspection results are cached by the exact statement text plus the session state that can
+change its meaning (`SessionState`): never by a fingerprint that ignores constants, since
+`DO $$ ... PERFORM 1 ... $$` and `DO $$ ... DROP TABLE users ... $$` share one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from policies.sql.model import StatementInfo
+
+Dialect = Literal["postgres", "mysql"]
+DIALECTS: tuple[str, ...] = ("postgres", "mysql")
+
+# Entries per cache. Statement texts of an app are few (prepared statements, ORM queries);
+# texts with inlined constants are many, and past this bound the oldest are dropped first.
+DEFAULT_CACHE_SIZE = 20_000
+# Longer statements are inspected every time rather than pinned in memory by the cache.
+MAX_CACHED_LENGTH = 16_384
+
+
+@dataclass(frozen=True, slots=True)
+class SessionState:
+    """Session settings that change how SQL text is read (part of every cache key)."""
+
+    dialect: Dialect = "postgres"
+    standard_conforming_strings: bool = True  # PostgreSQL
+    server_version: int = 101100  # MySQL/MariaDB: M*10000 + m*100 + p, for /*!NNNNN */
+    mariadb: bool = True
+    ansi_quotes: bool = False  # MySQL sql_mode ANSI_QUOTES
+    no_backslash_escapes: bool = False  # MySQL sql_mode NO_BACKSLASH_ESCAPES
+
+
+POSTGRES = SessionState()
+MYSQL = SessionState(dialect="mysql")
+
+
+def inspect(sql: str, state: SessionState = POSTGRES) -> tuple[StatementInfo, ...]:
+    """Inspect `sql` as the server described by `state` would read it (uncached)."""
+    if state.dialect == "postgres":
+        from policies.sql import postgres
+
+        return postgres.inspect(sql, standard_conforming_strings=state.standard_conforming_strings)
+    if state.dialect == "mysql":
+        from policies.sql import mysql
+
+        return mysql.inspect(
+            sql,
+            server_version=state.server_version,
+            mariadb=state.mariadb,
+            ansi_quotes=state.ansi_quotes,
+            no_backslash_escapes=state.no_backslash_escapes,
+        )
+    raise ValueError(f"unknown SQL dialect {state.dialect!r}; expected one of {DIALECTS}")
+
+
+class InspectionCache:
+    """A bounded FIFO cache of inspections keyed by (state, exact text)."""
+
+    __slots__ = ("_entries", "hits", "misses", "size")
+
+    def __init__(self, size: int = DEFAULT_CACHE_SIZE) -> None:
+        self.size = size
+        self._entries: dict[tuple[SessionState, str], tuple[StatementInfo, ...]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def inspect(self, sql: str, state: SessionState = POSTGRES) -> tuple[StatementInfo, ...]:
+        key = (state, sql)
+        hit = self._entries.get(key)
+        if hit is not None:
+            self.hits += 1
+            return hit
+        self.misses += 1
+        result = inspect(sql, state)
+        if len(sql) <= MAX_CACHED_LENGTH:
+            if len(self._entries) >= self.size:
+                # FIFO: dict order is insertion order, so the first key is the oldest.
+                del self._entries[next(iter(self._entries))]
+            self._entries[key] = result
+        return result
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def split_and_inspect(sql: str, state: SessionState = POSTGRES) -> list[tuple[str, StatementInfo]]:
+    """Inspect each statement of a script on its own, with its text, so that one statement
+    that does not parse does not hide the others (for tools; the sidecar inspects a
+    protocol message whole, as the server parses it)."""
+    pieces = _split(sql, state)
+    out: list[tuple[str, StatementInfo]] = []
+    for piece in pieces:
+        results = inspect(piece, state)
+        if len(results) == 1:
+            out.append((piece, results[0]))
+        else:
+            out.extend((piece, r) for r in results)
+    return out
+
+
+def _split(sql: str, state: SessionState) -> list[str]:
+    if state.dialect == "postgres":
+        from pglast import parser
+
+        try:
+            return [s.strip() for s in parser.split(sql, with_parser=False) if s.strip()]
+        except Exception:  # the scanner rejects e.g. an unterminated quote: inspect it whole
+            return [sql] if sql.strip() else []
+    from policies.sql import mysql
+
+    return [s for s in mysql.split(sql, **_mysql_options(state)) if s.strip()]
+
+
+def _mysql_options(state: SessionState) -> dict[str, object]:
+    return {
+        "server_version": state.server_version,
+        "mariadb": state.mariadb,
+        "ansi_quotes": state.ansi_quotes,
+        "no_backslash_escapes": state.no_backslash_escapes,
+    }

@@ -1,0 +1,1 @@
+"""Sluice data plane: sans-I/O protocol codecs and the asyncio sidecar driver."""

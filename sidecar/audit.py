@@ -1,0 +1,123 @@
+"""Audit events for every decision, and the local JSON-lines sink.
+
+The sidecar turns each decided statement into an `AuditEvent` once the server has answered
+(so it carries duration, rows and the error code) and hands it to a sink. The control-plane
+shipper (a later issue) implements the same `AuditSink` protocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import IO, Protocol
+
+log = logging.getLogger("sluice.audit")
+
+# Events are written in batches: at most this many buffered, or this old, before a flush.
+FLUSH_EVERY = 256
+FLUSH_AFTER = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    id: str  # unique per event: "<instance>-<boot>-<seq>"
+    time: float  # UNIX seconds when the statement arrived
+    app: str
+    instance: str
+    service: str
+    session: str
+    protocol: str
+    decision: str  # what was applied: allow | deny | reject (limit exceeded) | delay
+    action: str  # what the policies say counting dry-run rules: allow | deny | limit
+    enforced: bool
+    rules: tuple[str, ...]
+    rule: str | None
+    verbs: tuple[str, ...]
+    tables: tuple[str, ...]
+    statement: str  # literals masked unless full statements are configured
+    duration_ms: float | None = None
+    rows: int | None = None
+    error: str | None = None  # SQLSTATE of a failure, ours (42501, 53400) or the server's
+    policy_version: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+
+class AuditSink(Protocol):
+    def record(self, event: AuditEvent) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """Appends events to a file as JSON lines, in batches. A write failure (a full disk)
+    is logged and counted in `dropped`; it never stops the data path."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.written = 0
+        self.dropped = 0
+        self._buffer: list[str] = []
+        self._oldest = 0.0
+        self._file: IO[str] | None = None
+
+    def record(self, event: AuditEvent) -> None:
+        if not self._buffer:
+            self._oldest = time.monotonic()
+        self._buffer.append(event.to_json())
+        if len(self._buffer) >= FLUSH_EVERY or time.monotonic() - self._oldest > FLUSH_AFTER:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        lines, self._buffer = self._buffer, []
+        try:
+            if self._file is None:
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+            self._file.write("\n".join(lines) + "\n")
+            self._file.flush()
+            self.written += len(lines)
+        except OSError as exc:
+            self.dropped += len(lines)
+            log.error("audit sink %s: %d events dropped: %s", self.path, len(lines), exc)
+            self._reopen()
+
+    def _reopen(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        self.flush()
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                os.fsync(self._file.fileno())
+        self._reopen()
+
+
+class MemorySink:
+    """Keeps events in a list (for `sluice sidecar` without a sink path, and for tests)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.events: list[AuditEvent] = []
+        self.limit = limit
+
+    def record(self, event: AuditEvent) -> None:
+        if len(self.events) >= self.limit:
+            del self.events[: self.limit // 2]
+        self.events.append(event)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,171 @@
+"""Sidecar configuration: the app it serves, its policies, its routes, its audit sink.
+
+From command-line flags (one route) or a YAML file (`sluice sidecar -c FILE`, several
+routes). Validation errors name file:line:col, like policy errors.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from policies.errors import PolicyError, Problem
+from policies.yamlread import Invalid, Reader, boolean, choice, mapping, number, string, strings
+
+PROTOCOLS = ("postgres",)
+TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
+RECORD_MODES = ("all", "non-allow")
+# How long to wait for the upstream's TCP handshake before telling the app it is down.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+# How often policy files are checked for changes (mtime and size; cheap stat calls).
+DEFAULT_RELOAD_INTERVAL = 0.5
+_HOSTPORT = re.compile(r"^\s*(?:\[([0-9a-fA-F:.]+)\]|([^:\s\[\]]+)):(\d{1,5})\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    mode: str = "disable"  # libpq's sslmode names
+    ca_file: str | None = None
+    server_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One upstream service reached through a local listener."""
+
+    service: str
+    protocol: str
+    listen: tuple[str, int]
+    upstream: tuple[str, int]
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    tls: UpstreamTls = field(default_factory=UpstreamTls)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    path: str | None = None  # JSON lines; None: no local sink
+    record: str = "all"  # all | non-allow
+    full_statements: bool = False  # record statements with their literals
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    app: str
+    instance: str
+    policies: tuple[str, ...]
+    routes: tuple[Route, ...]
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    reload_interval: float = DEFAULT_RELOAD_INTERVAL
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """ "host:port" or "[v6]:port" -> (host, port); raises ValueError saying what is expected."""
+    m = _HOSTPORT.match(text)
+    if not m:
+        raise ValueError(f'expected "HOST:PORT", got {text!r}')
+    port = int(m.group(3))
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range")
+    return (m.group(1) or m.group(2), port)
+
+
+def load_config(path: str | Path) -> SidecarConfig:
+    """Read a sidecar config file; raises PolicyError listing every problem."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError([Problem(file, 1, 1, f"cannot read: {exc}")]) from None
+    reader = Reader(file)
+    docs = list(reader.documents(text))
+    if reader.problems:
+        raise PolicyError(reader.problems)
+    if len(docs) != 1:
+        raise PolicyError([Problem(file, 1, 1, "expected exactly one YAML document")])
+    try:
+        config = _config(docs[0], Path(path).parent)
+    except Invalid as exc:
+        reader.problem(exc.node, exc.message)
+        raise PolicyError(reader.problems) from None
+    return config
+
+
+def _config(node: yaml.Node, base: Path) -> SidecarConfig:
+    top = mapping(
+        node,
+        "sidecar config",
+        frozenset({"app", "instance", "policies", "routes", "audit", "reload_interval"}),
+        frozenset({"app", "policies", "routes"}),
+    )
+    app = string(top["app"][1], "app")
+    instance = string(top["instance"][1], "instance") if "instance" in top else app
+    policies = tuple(
+        str(base / p) if not Path(p).is_absolute() else p
+        for _, p in strings(top["policies"][1], "policies")
+    )
+    routes_node = top["routes"][1]
+    if not isinstance(routes_node, yaml.SequenceNode) or not routes_node.value:
+        raise Invalid(routes_node, "routes: expected a non-empty list of routes")
+    routes = tuple(_route(r, i) for i, r in enumerate(routes_node.value))
+    audit = _audit(top["audit"][1], base) if "audit" in top else AuditConfig()
+    interval = DEFAULT_RELOAD_INTERVAL
+    if "reload_interval" in top:
+        interval = number(top["reload_interval"][1], "reload_interval")
+    return SidecarConfig(app, instance, policies, routes, audit, interval)
+
+
+def _route(node: yaml.Node, index: int) -> Route:
+    what = f"routes[{index}]"
+    m = mapping(
+        node,
+        what,
+        frozenset({"service", "protocol", "listen", "upstream", "connect_timeout", "tls"}),
+        frozenset({"service", "listen", "upstream"}),
+    )
+    service = string(m["service"][1], f"{what}.service")
+    protocol = (
+        choice(m["protocol"][1], f"{what}.protocol", PROTOCOLS) if "protocol" in m else ("postgres")
+    )
+    listen = _hostport(m["listen"][1], f"{what}.listen")
+    upstream = _hostport(m["upstream"][1], f"{what}.upstream")
+    timeout = DEFAULT_CONNECT_TIMEOUT
+    if "connect_timeout" in m:
+        timeout = number(m["connect_timeout"][1], f"{what}.connect_timeout")
+        if timeout <= 0:
+            raise Invalid(m["connect_timeout"][1], f"{what}.connect_timeout must be positive")
+    tls = UpstreamTls()
+    if "tls" in m:
+        t = mapping(m["tls"][1], f"{what}.tls", frozenset({"mode", "ca_file", "server_name"}))
+        tls = UpstreamTls(
+            mode=choice(t["mode"][1], f"{what}.tls.mode", TLS_MODES) if "mode" in t else "prefer",
+            ca_file=string(t["ca_file"][1], f"{what}.tls.ca_file") if "ca_file" in t else None,
+            server_name=string(t["server_name"][1], f"{what}.tls.server_name")
+            if "server_name" in t
+            else None,
+        )
+    return Route(service, protocol, listen, upstream, timeout, tls)
+
+
+def _audit(node: yaml.Node, base: Path) -> AuditConfig:
+    m = mapping(node, "audit", frozenset({"path", "record", "full_statements"}))
+    path = None
+    if "path" in m:
+        raw = string(m["path"][1], "audit.path")
+        path = raw if Path(raw).is_absolute() else str(base / raw)
+    record = choice(m["record"][1], "audit.record", RECORD_MODES) if "record" in m else "all"
+    full = (
+        boolean(m["full_statements"][1], "audit.full_statements")
+        if ("full_statements" in m)
+        else False
+    )
+    return AuditConfig(path, record, full)
+
+
+def _hostport(node: yaml.Node, what: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(string(node, what))
+    except ValueError as exc:
+        raise Invalid(node, f"{what}: {exc}") from None

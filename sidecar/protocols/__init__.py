@@ -1,0 +1,1 @@
+"""Sans-I/O protocol codecs: bytes in, events out; no sockets, no asyncio."""
