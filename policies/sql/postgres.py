@@ -242,7 +242,8 @@ class _Walk:
     def select(self, node: Node) -> None:
         if "intoClause" in node:  # SELECT ... INTO creates a table
             self.verbs.add("CREATE")
-            self._target(node["intoClause"].get("IntoClause", {}).get("rel"))
+            into = node["intoClause"]
+            self._target(into.get("IntoClause", into).get("rel"))
         self.walk(node)
 
     def insert(self, node: Node) -> None:
@@ -306,8 +307,8 @@ class _Walk:
 
     def ctas(self, node: Node) -> None:
         self.verbs.add("CREATE")
-        into = node.get("into", {}).get("IntoClause", {})
-        self._target(into.get("rel"))
+        into = node.get("into", {})
+        self._target(into.get("IntoClause", into).get("rel"))
         query = node.get("query", {})
         if "ExecuteStmt" in query:
             self.opaque = True
@@ -444,22 +445,28 @@ class _Walk:
 
     def _plpgsql_expr(self, expr: Node) -> None:
         query = expr.get("query", "")
-        # parseMode 0 is a whole SQL statement; the others are expressions that PL/pgSQL
-        # evaluates as `SELECT expr` (assignments, conditions, RETURN values): those count
-        # as a SELECT only when they read a table.
-        statement = expr.get("parseMode", 0) == 0
-        for info in inspect(query if statement else f"SELECT {query}"):
+        mode = expr.get("parseMode", 0)
+        # Mode 0 is a whole SQL statement; 2 an expression PL/pgSQL evaluates as `SELECT
+        # expr` (conditions, RETURN values); 3-5 an assignment `target := expr`.
+        if mode in _PLPGSQL_ASSIGN:
+            _, sep, query = query.partition(":=")
+            if not sep:
+                self.opaque = True
+                return
+        text = query if mode == 0 else f"SELECT {query}"
+        for info in inspect(text):
             if info.error is not None:
                 self.opaque = True
                 continue
-            verbs = info.verbs if statement or info.tables else info.verbs - {"SELECT"}
-            self.verbs |= verbs
+            # A SELECT that reads no table (PERFORM 1, x := y + 1) is computation, not a read.
+            self.verbs |= info.verbs if info.tables else info.verbs - {"SELECT"}
             self.tables |= set(info.tables)
             self.no_where |= info.no_where
             self.opaque |= info.opaque
             self.deferred |= info.deferred
 
 
+_PLPGSQL_ASSIGN = frozenset({3, 4, 5})  # RAW_PARSE_PLPGSQL_ASSIGN1..3
 _MERGE_COMMANDS = {"CMD_UPDATE": "UPDATE", "CMD_INSERT": "INSERT", "CMD_DELETE": "DELETE"}
 
 # Handlers for statements at the top level (the statement being inspected).
