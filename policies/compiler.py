@@ -132,7 +132,8 @@ class View:
     rules: tuple[CompiledRule, ...]
     policies: tuple[Policy, ...]
     default: Action
-    by_verb: dict[str, tuple[CompiledRule, ...]]
+    by_verb: dict[str, tuple[CompiledRule, ...]]  # rules for a verb, but for by_table's
+    by_table: dict[str, dict[str, tuple[CompiledRule, ...]]]  # verb -> table name -> rules
     sql_any: tuple[CompiledRule, ...]  # SQL-capable rules without a verb condition
     opaque: tuple[CompiledRule, ...]  # rules to try for an opaque statement
     by_method: dict[str, tuple[CompiledRule, ...]]
@@ -141,16 +142,54 @@ class View:
     timeless: bool  # no rule has a time window: a decision does not depend on the clock
 
     def sql_candidates(self, st: StatementInfo) -> tuple[CompiledRule, ...]:
+        """Rules that may match `st`, in policy-set order: by verb, then, for rules that
+        name only literal tables, by the statement's tables."""
         if st.opaque:
             return self.opaque
         verbs = st.verbs
-        if len(verbs) == 1:
-            for verb in verbs:
-                return self.by_verb.get(verb, self.sql_any)
         if not verbs:
             return self.sql_any
-        seen = {r.seq: r for verb in verbs for r in self.by_verb.get(verb, self.sql_any)}
-        return tuple(seen[k] for k in sorted(seen))
+        if len(verbs) == 1:
+            for verb in verbs:
+                general = self.by_verb.get(verb, self.sql_any)
+                tabled = self.by_table.get(verb)
+                if not tabled or not st.tables:
+                    return general
+                extra = [r for t in st.tables for r in tabled.get(table_key(t), ())]
+                return _ordered(general, extra) if extra else general
+        found: list[CompiledRule] = []
+        for verb in verbs:
+            found.extend(self.by_verb.get(verb, self.sql_any))
+            tabled = self.by_table.get(verb)
+            if tabled:
+                found.extend(r for t in st.tables for r in tabled.get(table_key(t), ()))
+        return _ordered((), found)
+
+
+def table_key(table: str) -> str:
+    """The index key of a table reference: its lower-cased relation name without schema.
+    Every literal table pattern that can match a reference shares the reference's key
+    (see `globs.TableSet`: patterns match the full name or the bare name part)."""
+    return table.rsplit(".", 1)[-1].lower()
+
+
+def _literal_keys(rule: Rule) -> frozenset[str] | None:
+    """The table keys of a rule whose table condition is only literal names, else None."""
+    if rule.sql is None or rule.sql.tables is None:
+        return None
+    patterns = rule.sql.tables.names.patterns
+    if any(any(c in p for c in "*?[") for p in patterns):
+        return None
+    return frozenset(table_key(p) for p in patterns)
+
+
+def _ordered(
+    first: tuple[CompiledRule, ...], more: list[CompiledRule]
+) -> tuple[CompiledRule, ...]:
+    seen = {r.seq: r for r in first}
+    for r in more:
+        seen[r.seq] = r
+    return tuple(seen[k] for k in sorted(seen))
 
 
 class Compiled:
@@ -189,14 +228,24 @@ class Compiled:
         default = Action.DENY if any(p.default is Action.DENY for p in policies) else Action.ALLOW
         sql_rules = [r for r in rules if r.rule.http is None]
         sql_any = tuple(r for r in sql_rules if r.rule.sql is None or r.rule.sql.verbs is None)
-        by_verb = {
-            verb: tuple(
-                r
-                for r in sql_rules
-                if r.rule.sql is None or r.rule.sql.verbs is None or verb in r.rule.sql.verbs
-            )
-            for verb in VERBS
-        }
+        by_verb: dict[str, tuple[CompiledRule, ...]] = {}
+        by_table: dict[str, dict[str, tuple[CompiledRule, ...]]] = {}
+        for verb in VERBS:
+            general: list[CompiledRule] = []
+            tabled: dict[str, list[CompiledRule]] = {}
+            for r in sql_rules:
+                if r.rule.sql is not None and r.rule.sql.verbs is not None:
+                    if verb not in r.rule.sql.verbs:
+                        continue
+                keys = _literal_keys(r.rule)
+                if keys is None:
+                    general.append(r)
+                else:
+                    for key in keys:
+                        tabled.setdefault(key, []).append(r)
+            by_verb[verb] = tuple(general)
+            if tabled:
+                by_table[verb] = {k: tuple(v) for k, v in tabled.items()}
         opaque = tuple(
             r
             for r in sql_rules
@@ -227,7 +276,17 @@ class Compiled:
             r.rule.window is None for r in guard
         )
         return View(
-            rules, policies, default, by_verb, sql_any, opaque, by_method, http_any, guard, timeless
+            rules,
+            policies,
+            default,
+            by_verb,
+            by_table,
+            sql_any,
+            opaque,
+            by_method,
+            http_any,
+            guard,
+            timeless,
         )
 
 

@@ -330,3 +330,66 @@ def test_allow_select_does_not_cover_an_opaque_select() -> None:
     hidden = StatementInfo(verb="SELECT", verbs=frozenset({"SELECT"}), opaque=True)
     d = engine(DEFAULT_DENY).decide(Peer("web", "analytics-eu"), hidden, NOON)
     assert d.applied is Action.DENY
+
+
+# Rules whose tables are literal names are indexed by table; globs are not. Every mix of
+# patterns and references must still find exactly the rules the slow path says match.
+TABLE_PATTERNS = ["orders", "public.orders", "Orders", "hr.payroll", "pay*", "*.orders", "x"]
+TABLE_REFS = ["orders", "public.orders", "ORDERS", "hr.payroll", "payroll", "sales.orders", "y"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.sampled_from(TABLE_PATTERNS), min_size=1, max_size=3, unique=True),
+            st.sampled_from(["DELETE", "SELECT"]),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.lists(st.sampled_from(TABLE_REFS), max_size=3, unique=True),
+    st.sets(st.sampled_from(["DELETE", "SELECT"]), min_size=1),
+)
+def test_table_index_agrees_with_explain(
+    rules: list[tuple[list[str], str]], refs: list[str], verbs: set[str]
+) -> None:
+    body = "\n".join(
+        f"    - {{name: r{i}, sql: {{verbs: [{verb}], tables: {tables!r}}}, action: audit}}"
+        for i, (tables, verb) in enumerate(rules)
+    )
+    e = Engine(
+        load_texts(
+            [
+                (
+                    "t.yaml",
+                    f"apiVersion: sluice/v1\nkind: Policy\nmetadata: {{name: t}}\nspec:\n  destination: db\n  rules:\n{body}\n",
+                )
+            ]
+        )
+    )
+    stmt = StatementInfo(verb=sorted(verbs)[0], verbs=frozenset(verbs), tables=tuple(refs))
+    ex = explain(e, Peer("app", "db"), stmt, NOON)
+    assert ex.decision.rules == tuple(v.id for v in ex.verdicts if v.matched)
+
+
+def test_rules_on_other_tables_are_not_candidates() -> None:
+    body = "\n".join(
+        f"    - {{name: r{i}, sql: {{verbs: [DELETE], tables: [t{i}]}}, action: deny}}"
+        for i in range(500)
+    )
+    e = Engine(
+        load_texts(
+            [
+                (
+                    "t.yaml",
+                    f"apiVersion: sluice/v1\nkind: Policy\nmetadata: {{name: t}}\nspec:\n  destination: db\n  rules:\n{body}\n",
+                )
+            ]
+        )
+    )
+    view = e.view(Peer("app", "db"))
+    candidates = view.sql_candidates(sql("DELETE", tables=("s.T7",)))
+    assert [r.id for r in candidates] == ["t/r7"]
+    assert e.decide(Peer("app", "db"), sql("DELETE", tables=("t7",)), NOON).rules == ("t/r7",)
+    assert e.decide(Peer("app", "db"), sql("DELETE", tables=("t9999",)), NOON).rules == ()
