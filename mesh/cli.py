@@ -1,4 +1,4 @@
-"""The `sluice` command line: policy check and explain, SQL inspection.
+"""The `sluice` command line: policy check and explain, SQL inspection, the sidecar.
 
 Each subcommand is a small function from parsed arguments to an exit code; output goes to
 stdout (results) and stderr (summaries and errors) so that results can be piped.
@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
+from mesh import sidecar_cmd
 from policies.attributes import HttpRequest, Peer
 from policies.engine import Engine, merge
 from policies.errors import PolicyError
@@ -74,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help='stdin is JSON lines with key "sql" (else plain SQL)'
     )
     ins.set_defaults(run=_inspect)
+
+    sidecar_cmd.add_parser(sub)
     return p
 
 

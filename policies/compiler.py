@@ -183,9 +183,7 @@ def _literal_keys(rule: Rule) -> frozenset[str] | None:
     return frozenset(table_key(p) for p in patterns)
 
 
-def _ordered(
-    first: tuple[CompiledRule, ...], more: list[CompiledRule]
-) -> tuple[CompiledRule, ...]:
+def _ordered(first: tuple[CompiledRule, ...], more: list[CompiledRule]) -> tuple[CompiledRule, ...]:
     seen = {r.seq: r for r in first}
     for r in more:
         seen[r.seq] = r
@@ -234,9 +232,9 @@ class Compiled:
             general: list[CompiledRule] = []
             tabled: dict[str, list[CompiledRule]] = {}
             for r in sql_rules:
-                if r.rule.sql is not None and r.rule.sql.verbs is not None:
-                    if verb not in r.rule.sql.verbs:
-                        continue
+                sql = r.rule.sql
+                if sql is not None and sql.verbs is not None and verb not in sql.verbs:
+                    continue
                 keys = _literal_keys(r.rule)
                 if keys is None:
                     general.append(r)

@@ -112,13 +112,11 @@ def _split(sql: str, state: SessionState) -> list[str]:
             return [sql] if sql.strip() else []
     from policies.sql import mysql
 
-    return [s for s in mysql.split(sql, **_mysql_options(state)) if s.strip()]
-
-
-def _mysql_options(state: SessionState) -> dict[str, object]:
-    return {
-        "server_version": state.server_version,
-        "mariadb": state.mariadb,
-        "ansi_quotes": state.ansi_quotes,
-        "no_backslash_escapes": state.no_backslash_escapes,
-    }
+    pieces = mysql.split(
+        sql,
+        server_version=state.server_version,
+        mariadb=state.mariadb,
+        ansi_quotes=state.ansi_quotes,
+        no_backslash_escapes=state.no_backslash_escapes,
+    )
+    return [s for s in pieces if s.strip()]

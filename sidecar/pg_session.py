@@ -1,0 +1,639 @@
+"""One PostgreSQL session through the sidecar: the sans-I/O state machine.
+
+The driver (`sidecar/server.py`) feeds bytes from the app to `client_data` and bytes from the
+server to `server_data`, then writes out `to_server` and `to_client`. In between, every
+statement is decided:
+
+- each statement of a simple Query; the first one denied is replaced, from its first byte
+  to the end of the string, by a statement that makes the server raise 42501 (so the
+  statements before it run, the rest do not, and an explicit transaction is aborted: all as
+  if the server itself had refused it);
+- every Parse (deny only: limits count executions), and every Execute, again, against the
+  statement its portal was bound to (a time window may have opened since Parse). A denied
+  Parse or Execute is replaced by Parse/Bind/Execute of the raising statement; the
+  ParseComplete and BindComplete those produce are swallowed, and the app's messages are
+  dropped until Sync, as the server drops them after an error;
+- SQL-level PREPARE/EXECUTE: the prepared statement is remembered per session and EXECUTE
+  is decided as the statement it runs;
+- a fast-path FunctionCall is an opaque CALL.
+
+Responses are matched to requests with one FIFO of tracked messages (Parse, Bind, Execute or
+simple-query statement, Sync), which also yields each statement's duration, rows and error
+code for its audit event.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from policies.attributes import Peer
+from policies.decider import SqlDecider
+from policies.engine import Decision, LimitTicket
+from policies.spec import Action
+from policies.sql.inspect import POSTGRES, SessionState
+from policies.sql.mask import mask
+from policies.sql.model import StatementInfo, parse_error
+from sidecar.audit import AuditEvent, AuditSink
+from sidecar.limits import Limiter
+from sidecar.protocols import postgres as pg
+
+DENIED = "42501"  # insufficient_privilege: what the server says for a missing GRANT
+LIMITED = "53400"  # configuration_limit_exceeded
+PROTOCOL_VIOLATION = "08P01"
+
+# Tracked requests, in the order the server answers them.
+_PARSE, _PARSE_SWALLOW, _BIND, _BIND_SWALLOW, _EXEC, _SYNC = range(6)
+
+_STARTUP, _AUTH, _READY = range(3)
+_OPAQUE_CALL = StatementInfo(verb="CALL", verbs=frozenset({"CALL"}), opaque=True)
+_UNKNOWN_PORTAL = StatementInfo(verb="EXECUTE", verbs=frozenset({"EXECUTE"}), opaque=True)
+_MASK_CACHE_SIZE = 10_000
+_PG_ENCODINGS = {"UTF8": "utf-8", "SQL_ASCII": "latin-1", "LATIN1": "latin-1", "WIN1252": "cp1252"}
+
+
+@dataclass(slots=True)
+class RouteContext:
+    """What every session of one route shares: who it serves, the decider, limits, audit."""
+
+    app: str
+    instance: str
+    service: str
+    decider: SqlDecider
+    limiter: Limiter
+    sink: AuditSink
+    record_all: bool = True  # False: only decisions other than a plain allow
+    full_statements: bool = False
+    max_message: int = pg.DEFAULT_MAX_MESSAGE
+    policy_version: Callable[[], int] = lambda: 0
+    clock: Callable[[], float] = time.time
+    masks: dict[tuple[SessionState, str], str] = field(default_factory=dict)
+    events: itertools.count[int] = field(default_factory=itertools.count)
+    boot: str = field(default_factory=lambda: format(int(time.time() * 1000), "x"))
+
+    @property
+    def peer(self) -> Peer:
+        return self.decider.peer
+
+
+@dataclass(slots=True)
+class _Run:
+    """A decided statement waiting for the server's answer (for its audit event)."""
+
+    at: float
+    started: float
+    sql: str
+    info: StatementInfo | None
+    decision: Decision
+    outcome: str  # allow | deny | reject | delay
+
+
+class PgSession:
+    """The protocol state machine of one app connection and its server connection."""
+
+    def __init__(self, ctx: RouteContext, session_id: str) -> None:
+        self.ctx = ctx
+        self.session_id = session_id
+        self.to_client = bytearray()
+        self.to_server = bytearray()
+        self.closing: str | None = None  # set: close both sides once output is flushed
+        self.startup_sent = False  # the StartupMessage is in to_server: connect upstream
+        self.cancel_packet: bytes | None = None  # a CancelRequest for the driver to route
+        self.backend_key: bytes | None = None  # BackendKeyData body: pid and secret key
+        self.params: dict[str, str] = {}
+        self.wait = 0.0  # > 0: the driver holds client input this long, then release()
+        self.transaction = b"I"
+        self._held: bytes | None = None
+        self._cin = bytearray()
+        self._sin = bytearray()
+        self._phase = _STARTUP
+        self._pending: deque[tuple[int, _Run | None]] = deque()
+        self._discarding = False  # after a denied Parse/Execute: drop until Sync
+        self._statements: dict[bytes, tuple[str, tuple[StatementInfo, ...]]] = {}
+        self._portals: dict[bytes, bytes] = {}
+        self._sql_prepared: dict[str, StatementInfo] = {}
+        self.state: SessionState = POSTGRES
+        self.encoding = "utf-8"
+
+    # -- app -> server ----------------------------------------------------------------------
+
+    def client_data(self, data: bytes) -> None:
+        self._cin += data
+        try:
+            if self._phase == _STARTUP:
+                self._startup()
+            if self._phase != _STARTUP:
+                self._client_messages()
+        except pg.ProtocolError as exc:
+            self._fail(f"invalid message from the client: {exc}")
+
+    def release(self) -> None:
+        """The delay of a limited statement is over: send it and go on."""
+        held, self._held, self.wait = self._held, None, 0.0
+        if held:
+            self.to_server += held
+        self.client_data(b"")
+
+    def _startup(self) -> None:
+        buf = self._cin
+        while self._phase == _STARTUP and self.closing is None:
+            length = pg.startup_length(buf)
+            if length is None or len(buf) < length:
+                return
+            packet = bytes(buf[:length])
+            del buf[:length]
+            code = pg.startup_code(packet)
+            if code in (pg.SSL_REQUEST, pg.GSSENC_REQUEST):
+                self.to_client += b"N"  # the app talks plaintext to its local sidecar
+            elif code == pg.CANCEL_REQUEST:
+                self.cancel_packet = packet
+                self.closing = "cancel request"
+            elif code >> 16 == pg.PROTOCOL_MAJOR_3:
+                self.params = pg.startup_params(packet)
+                self.to_server += packet
+                self.startup_sent = True
+                self._phase = _AUTH
+            else:
+                major, minor = code >> 16, code & 0xFFFF
+                self._fail(f"unsupported frontend protocol {major}.{minor}")
+
+    def _client_messages(self) -> None:
+        buf = self._cin
+        pos = fwd = 0
+        out = self.to_server
+        limit = self.ctx.max_message
+        while self.wait == 0.0 and self.closing is None:
+            n = pg.message_length(buf, pos, limit)
+            if n is None or len(buf) - pos < n:
+                break
+            end = pos + n
+            kind = buf[pos]
+            if self._discarding:
+                out += buf[fwd:pos]
+                fwd = end
+                if kind == 0x53:  # Sync ends the error state
+                    self._discarding = False
+                    out += buf[pos:end]
+                    self._pending.append((_SYNC, None))
+            elif kind == 0x51:  # Q
+                out += buf[fwd:pos]
+                fwd = end
+                self._query(bytes(buf[pos + 5 : end - 1]))
+            elif kind == 0x50:  # Parse
+                replacement = self._parse(buf, pos, end)
+                if replacement is not None:
+                    out += buf[fwd:pos]
+                    out += replacement
+                    fwd = end
+            elif kind == 0x42:  # Bind
+                portal, statement = pg.bind_fields(buf, pos + 5, end)
+                self._portals[portal] = statement
+                self._pending.append((_BIND, None))
+            elif kind == 0x45:  # Execute
+                out += buf[fwd:pos]
+                fwd = end
+                self._execute(buf, pos, end)
+            elif kind == 0x53:  # Sync
+                self._pending.append((_SYNC, None))
+            elif kind == 0x43:  # Close
+                self._close(buf, pos, end)
+            elif kind == 0x46:  # FunctionCall
+                out += buf[fwd:pos]
+                fwd = end
+                self._function_call(bytes(buf[pos:end]))
+            elif kind == 0x58:  # Terminate
+                self.closing = "client terminated"
+            pos = end
+        out += buf[fwd:pos]
+        del buf[:pos]
+
+    def _query(self, raw: bytes) -> None:
+        ctx = self.ctx
+        now = ctx.clock()
+        sql, statements, decision = self._decide_text(raw, now)
+        if decision.applied is Action.DENY:
+            self._deny_query(raw, sql, statements, now)
+            return
+        outcome = "allow"
+        if decision.limits:
+            granted = ctx.limiter.take(decision.limits, now)
+            if not granted.granted:
+                assert granted.exceeded is not None
+                self._reject(sql, statements, decision, now, _limit_text(granted.exceeded))
+                return
+            if granted.delay > 0:
+                outcome = "delay"
+                self.wait = granted.delay
+        self._remember_sql_prepared(statements)
+        self._track_statements(sql, statements, decision, now, outcome)
+        self._pending.append((_SYNC, None))
+        message = pg.query(raw)
+        if self.wait:
+            self._held = message
+        else:
+            self.to_server += message
+
+    def _deny_query(
+        self, raw: bytes, sql: str, statements: tuple[StatementInfo, ...], now: float
+    ) -> None:
+        """Run the statements before the first denied one, then make the server raise."""
+        engine, peer = self.ctx.decider.engine, self.ctx.peer
+        prefix = b""
+        cut = 0
+        denied_decision: Decision | None = None
+        for i, info in enumerate(statements):
+            d = engine.decide(peer, info, now)
+            if d.applied is Action.DENY or info.span is None:
+                denied_decision, cut = d, i
+                break
+        if denied_decision is None or denied_decision.applied is not Action.DENY:
+            denied_decision = engine.decide_all(peer, statements, now)
+            cut = 0
+        if cut > 0:
+            span = statements[cut].span
+            assert span is not None
+            prefix = self._prefix_bytes(raw, sql, span[0])
+            allowed = statements[:cut]
+            self._track_statements(
+                sql, allowed, engine.decide_all(peer, allowed, now), now, "allow"
+            )
+        text = _deny_text(denied_decision, statements[cut] if statements else None)
+        raiser = pg.raise_statement(DENIED, text, detail=denied_decision.reason)
+        run = _Run(
+            now,
+            time.monotonic(),
+            sql,
+            statements[cut] if statements else None,
+            denied_decision,
+            "deny",
+        )
+        self._pending.append((_EXEC, run))
+        self._pending.append((_SYNC, None))
+        self.to_server += pg.query(prefix + self._encode(raiser))
+
+    def _reject(
+        self,
+        sql: str,
+        statements: tuple[StatementInfo, ...],
+        decision: Decision,
+        now: float,
+        text: str,
+    ) -> None:
+        run = _Run(
+            now, time.monotonic(), sql, statements[0] if statements else None, decision, "reject"
+        )
+        self._pending.append((_EXEC, run))
+        self._pending.append((_SYNC, None))
+        self.to_server += pg.query(self._encode(pg.raise_statement(LIMITED, text)))
+
+    def _parse(self, buf: bytearray, pos: int, end: int) -> bytes | None:
+        name, raw = pg.parse_fields(buf, pos + 5, end)
+        now = self.ctx.clock()
+        sql, statements, decision = self._decide_text(raw, now)
+        if decision.applied is Action.DENY:
+            self._statements.pop(name, None)
+            info = statements[0] if statements else None
+            run = _Run(now, time.monotonic(), sql, info, decision, "deny")
+            return self._inject(_deny_text(decision, info), DENIED, run, decision.reason)
+        self._statements[name] = (sql, statements)
+        self._pending.append((_PARSE, None))
+        return None
+
+    def _execute(self, buf: bytearray, pos: int, end: int) -> None:
+        portal, _ = pg.cstring(buf, pos + 5, end)
+        ctx = self.ctx
+        now = ctx.clock()
+        known = self._statements.get(self._portals.get(portal, b"\xff"))
+        if known is not None:
+            sql, statements = known
+            _, decision = ctx.decider.decide(sql, now, self.state)
+            statements, decision = self._resolve(statements, decision, now)
+        else:  # a portal we did not see bound: decide it as the opaque thing it is
+            sql, statements = "", (_UNKNOWN_PORTAL,)
+            decision = ctx.decider.engine.decide(ctx.peer, _UNKNOWN_PORTAL, now)
+        info = statements[0] if statements else None
+        if decision.applied is Action.DENY:
+            run = _Run(now, time.monotonic(), sql, info, decision, "deny")
+            self.to_server += self._inject(_deny_text(decision, info), DENIED, run, decision.reason)
+            return
+        outcome = "allow"
+        if decision.limits:
+            granted = ctx.limiter.take(decision.limits, now)
+            if not granted.granted:
+                assert granted.exceeded is not None
+                run = _Run(now, time.monotonic(), sql, info, decision, "reject")
+                text = _limit_text(granted.exceeded)
+                self.to_server += self._inject(text, LIMITED, run, None)
+                return
+            if granted.delay > 0:
+                outcome = "delay"
+                self.wait = granted.delay
+        self._remember_sql_prepared(statements)
+        self._pending.append((_EXEC, self._run(sql, info, decision, now, outcome)))
+        if self.wait:
+            self._held = bytes(buf[pos:end])
+        else:
+            self.to_server += buf[pos:end]
+
+    def _inject(self, text: str, code: str, run: _Run, detail: str | None) -> bytes:
+        """Parse/Bind/Execute of a raising statement in place of the app's message; the app's
+        following messages are dropped until its Sync, as the server would drop them."""
+        self._discarding = True
+        self._pending.append((_PARSE_SWALLOW, None))
+        self._pending.append((_BIND_SWALLOW, None))
+        self._pending.append((_EXEC, run))
+        raiser = self._encode(pg.raise_statement(code, text, detail=detail))
+        return pg.parse(b"", raiser) + pg.bind(b"", b"") + pg.execute(b"")
+
+    def _close(self, buf: bytearray, pos: int, end: int) -> None:
+        if end - pos < 7:
+            raise pg.ProtocolError("Close message too short")
+        name, _ = pg.cstring(buf, pos + 6, end)
+        if buf[pos + 5] == 0x53:  # 'S'tatement
+            self._statements.pop(name, None)
+        else:
+            self._portals.pop(name, None)
+
+    def _function_call(self, message: bytes) -> None:
+        now = self.ctx.clock()
+        decision = self.ctx.decider.engine.decide(self.ctx.peer, _OPAQUE_CALL, now)
+        if decision.applied is Action.DENY:
+            self._deny_query(b"", "<function call>", (_OPAQUE_CALL,), now)
+            return
+        self._pending.append(
+            (_EXEC, self._run("<function call>", _OPAQUE_CALL, decision, now, "allow"))
+        )
+        self._pending.append((_SYNC, None))
+        self.to_server += message
+
+    # -- deciding ---------------------------------------------------------------------------
+
+    def _decide_text(
+        self, raw: bytes, now: float
+    ) -> tuple[str, tuple[StatementInfo, ...], Decision]:
+        ctx = self.ctx
+        try:
+            sql = raw.decode(self.encoding)
+        except UnicodeDecodeError as exc:
+            bad = (parse_error(f"statement is not valid {self.encoding}: {exc}"),)
+            return raw.decode("latin-1"), bad, ctx.decider.engine.decide_all(ctx.peer, bad, now)
+        statements, decision = ctx.decider.decide(sql, now, self.state)
+        statements, decision = self._resolve(statements, decision, now)
+        return sql, statements, decision
+
+    def _resolve(
+        self, statements: tuple[StatementInfo, ...], decision: Decision, now: float
+    ) -> tuple[tuple[StatementInfo, ...], Decision]:
+        """Decide SQL-level EXECUTE of a statement this session prepared as that statement."""
+        if not self._sql_prepared or not any(s.execute_name for s in statements):
+            return statements, decision
+        resolved = tuple(
+            _with_span(self._sql_prepared[s.execute_name], s.span)
+            if s.verb == "EXECUTE" and s.execute_name in self._sql_prepared
+            else s
+            for s in statements
+        )
+        ctx = self.ctx
+        return resolved, ctx.decider.engine.decide_all(ctx.peer, resolved, now)
+
+    def _remember_sql_prepared(self, statements: tuple[StatementInfo, ...]) -> None:
+        for s in statements:
+            if s.prepare_name is not None and s.body is not None:
+                self._sql_prepared[s.prepare_name] = s.body
+            elif s.deallocate_name is not None:
+                if s.deallocate_name == "*":
+                    self._sql_prepared.clear()
+                else:
+                    self._sql_prepared.pop(s.deallocate_name, None)
+
+    # -- server -> app ----------------------------------------------------------------------
+
+    def server_data(self, data: bytes) -> None:
+        buf = self._sin
+        buf += data
+        pos = fwd = 0
+        out = self.to_client
+        pending = self._pending
+        limit = self.ctx.max_message
+        try:
+            while True:
+                n = pg.message_length(buf, pos, limit)
+                if n is None or len(buf) - pos < n:
+                    break
+                end = pos + n
+                kind = buf[pos]
+                if kind == 0x31 or kind == 0x32:  # ParseComplete, BindComplete
+                    if pending:
+                        tracked = pending[0][0]
+                        if tracked in (_PARSE_SWALLOW, _BIND_SWALLOW):
+                            out += buf[fwd:pos]
+                            fwd = end
+                            pending.popleft()
+                        elif tracked in (_PARSE, _BIND):
+                            pending.popleft()
+                elif kind == 0x43 or kind == 0x49 or kind == 0x73:  # Complete, Empty, Suspended
+                    if pending and pending[0][0] == _EXEC:
+                        run = pending.popleft()[1]
+                        if run is not None:
+                            rows = (
+                                pg.command_rows(bytes(buf[pos + 5 : end - 1]))
+                                if kind == 0x43
+                                else None
+                            )
+                            self._record(run, rows, None)
+                elif kind == 0x45:  # ErrorResponse
+                    replacement = self._server_error(buf, pos, end)
+                    if replacement is not None:
+                        out += buf[fwd:pos]
+                        out += replacement
+                        fwd = end
+                elif kind == 0x5A:  # ReadyForQuery
+                    self.transaction = bytes(buf[pos + 5 : pos + 6])
+                    self._ready()
+                elif kind == 0x53:  # ParameterStatus
+                    self._parameter(buf, pos, end)
+                elif kind == 0x4B:  # BackendKeyData
+                    self.backend_key = bytes(buf[pos + 5 : end])
+                pos = end
+        except pg.ProtocolError as exc:
+            out += buf[fwd:pos]
+            self._fail(f"invalid message from the server: {exc}")
+            return
+        out += buf[fwd:pos]
+        del buf[:pos]
+
+    def _server_error(self, buf: bytearray, pos: int, end: int) -> bytes | None:
+        """Account for an error; returns a replacement for our own raised errors, which
+        drop the server's CONTEXT line (it would point at the raising statement)."""
+        pending = self._pending
+        if not pending:
+            return None
+        fields = pg.error_fields(buf, pos + 5, end)
+        replacement = None
+        if pending[0][0] == _EXEC:
+            run = pending.popleft()[1]
+            if run is not None:
+                self._record(run, None, fields.get("C"))
+                if run.outcome in ("deny", "reject") and "W" in fields:
+                    replacement = pg.error_message({k: v for k, v in fields.items() if k != "W"})
+        # The server skips everything up to the next Sync (or ends the simple query).
+        while pending and pending[0][0] != _SYNC:
+            pending.popleft()
+        return replacement
+
+    def _ready(self) -> None:
+        if self._phase == _AUTH:
+            self._phase = _READY
+        pending = self._pending
+        while pending:
+            kind, run = pending.popleft()
+            if kind == _SYNC:
+                break
+            if run is not None:  # answered by nothing: it did not run
+                self._record(run, None, "skipped")
+
+    def _parameter(self, buf: bytearray, pos: int, end: int) -> None:
+        name, at = pg.cstring(buf, pos + 5, end)
+        value, _ = pg.cstring(buf, at, end)
+        key, val = name.decode("ascii", "replace"), value.decode("utf-8", "replace")
+        self.params[key] = val
+        if key == "standard_conforming_strings":
+            self.state = SessionState(standard_conforming_strings=val == "on")
+        elif key == "client_encoding":
+            self.encoding = _python_encoding(val)
+
+    # -- audit ------------------------------------------------------------------------------
+
+    def _track_statements(
+        self,
+        sql: str,
+        statements: tuple[StatementInfo, ...],
+        decision: Decision,
+        now: float,
+        outcome: str,
+    ) -> None:
+        if not statements:
+            return
+        if len(statements) == 1:
+            self._pending.append((_EXEC, self._run(sql, statements[0], decision, now, outcome)))
+            return
+        engine, peer = self.ctx.decider.engine, self.ctx.peer
+        raw = sql.encode() if self._wants(decision) else b""
+        for info in statements:
+            if not raw:
+                self._pending.append((_EXEC, None))
+                continue
+            text = raw[info.span[0] : info.span[1]].decode() if info.span else sql
+            d = engine.decide(peer, info, now)
+            self._pending.append((_EXEC, self._run(text, info, d, now, outcome, force=True)))
+
+    def _wants(self, decision: Decision) -> bool:
+        return (
+            self.ctx.record_all
+            or decision.applied is not Action.ALLOW
+            or decision.action is not Action.ALLOW
+            or decision.audit
+        )
+
+    def _run(
+        self,
+        sql: str,
+        info: StatementInfo | None,
+        decision: Decision,
+        now: float,
+        outcome: str,
+        *,
+        force: bool = False,
+    ) -> _Run | None:
+        if not force and not self._wants(decision) and outcome == "allow":
+            return None
+        return _Run(now, time.monotonic(), sql, info, decision, outcome)
+
+    def _record(self, run: _Run, rows: int | None, error: str | None) -> None:
+        ctx = self.ctx
+        info, decision = run.info, run.decision
+        event = AuditEvent(
+            id=f"{ctx.instance}-{ctx.boot}-{next(ctx.events)}",
+            time=run.at,
+            app=ctx.app,
+            instance=ctx.instance,
+            service=ctx.service,
+            session=self.session_id,
+            protocol="postgres",
+            decision=run.outcome,
+            action=decision.action.value,
+            enforced=decision.enforced,
+            rules=decision.rules,
+            rule=decision.rule,
+            verbs=tuple(sorted(info.verbs)) if info else (),
+            tables=info.tables if info else (),
+            statement=self._statement_text(run.sql),
+            duration_ms=round((time.monotonic() - run.started) * 1000, 3),
+            rows=rows,
+            error=error,
+            policy_version=ctx.policy_version(),
+        )
+        ctx.sink.record(event)
+
+    def _statement_text(self, sql: str) -> str:
+        ctx = self.ctx
+        if ctx.full_statements:
+            return sql
+        key = (self.state, sql)
+        masked = ctx.masks.get(key)
+        if masked is None:
+            masked = mask(sql, self.state)
+            if len(ctx.masks) >= _MASK_CACHE_SIZE:
+                del ctx.masks[next(iter(ctx.masks))]
+            ctx.masks[key] = masked
+        return masked
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _encode(self, text: str) -> bytes:
+        return text.encode(self.encoding, "replace")
+
+    def _prefix_bytes(self, raw: bytes, sql: str, utf8_offset: int) -> bytes:
+        """The bytes of `raw` before the statement at `utf8_offset` (a span start)."""
+        if self.encoding == "utf-8":
+            return raw[:utf8_offset]
+        chars = len(sql.encode()[:utf8_offset].decode("utf-8", "ignore"))
+        return self._encode(sql[:chars])
+
+    def _fail(self, reason: str) -> None:
+        self.to_client += pg.error_response(
+            PROTOCOL_VIOLATION, f"sluice: {reason}", severity="FATAL"
+        )
+        self.closing = reason
+
+
+def _with_span(info: StatementInfo, span: tuple[int, int] | None) -> StatementInfo:
+    return replace(info, span=span)
+
+
+def _deny_text(decision: Decision, info: StatementInfo | None) -> str:
+    what = info.verb if info is not None and info.error is None else "statement"
+    if decision.rule is not None:
+        text = f"sluice: {what} denied by policy {decision.policy}, rule {decision.rule}"
+        return f"{text}: {decision.message}" if decision.message else text
+    return f"sluice: {what} denied by policy {decision.policy}: {decision.reason}"
+
+
+def _limit_text(ticket: LimitTicket) -> str:
+    limit = ticket.limit
+    text = f"sluice: rate limit {ticket.rule_id} exceeded ({limit.rate:g} per {limit.per:g}s)"
+    return f"{text}: {ticket.message}" if ticket.message else text
+
+
+def _python_encoding(name: str) -> str:
+    known = _PG_ENCODINGS.get(name.upper())
+    if known:
+        return known
+    try:
+        return codecs.lookup(name.lower()).name
+    except LookupError:
+        return "utf-8"

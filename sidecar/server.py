@@ -1,0 +1,405 @@
+"""The sidecar's asyncio driver: listeners, upstream connections, cancel routing, reloads.
+
+Each app connection gets a `PgSession` (the sans-I/O state machine) and two asyncio
+Protocols around it: bytes in, `session.client_data`/`server_data`, bytes out. Nothing else
+runs per message. On uvloop when it is installed (the default), else on asyncio's loop.
+
+What the driver owns: connecting to the upstream (with a timeout, and TLS when configured:
+SSLRequest first, then the handshake, with libpq's sslmode names), telling the app when the
+upstream is down (a FATAL 08006 naming the upstream), flow control in both directions,
+routing CancelRequests to the server that owns the key, reloading policies, and flushing the
+audit sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import ssl
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+from policies.attributes import Peer
+from policies.decider import SqlDecider
+from policies.sql.inspect import POSTGRES
+from sidecar.audit import AuditSink, JsonlSink, MemorySink
+from sidecar.config import Route, SidecarConfig, UpstreamTls
+from sidecar.limits import Limiter
+from sidecar.pg_session import PgSession, RouteContext
+from sidecar.policy_watch import PolicyWatcher
+from sidecar.protocols import postgres as pg
+
+log = logging.getLogger("sluice.sidecar")
+
+CONNECTION_FAILURE = "08006"
+_SSL_REQUEST = struct.pack("!ii", 8, pg.SSL_REQUEST)
+AUDIT_FLUSH_INTERVAL = 0.2
+
+
+def install_uvloop() -> bool:
+    """Use uvloop's event loop policy when available; returns whether it is in use."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this is the fallback
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+@dataclass(slots=True)
+class _RouteRuntime:
+    route: Route
+    ctx: RouteContext
+    server: asyncio.Server | None = None
+    sessions: set[ClientSide] = field(default_factory=set)
+
+
+class Sidecar:
+    """All routes of one sidecar process, sharing one policy set, one limiter and one sink."""
+
+    def __init__(self, config: SidecarConfig, sink: AuditSink | None = None) -> None:
+        self.config = config
+        self.watcher = PolicyWatcher(config.policies)
+        self.limiter = Limiter()
+        if sink is None:
+            sink = JsonlSink(config.audit.path) if config.audit.path else MemorySink()
+        self.sink = sink
+        self.routes: list[_RouteRuntime] = []
+        self.cancel_keys: dict[bytes, Route] = {}
+        self._ids = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+        for route in config.routes:
+            peer = Peer(config.app, route.service, config.instance)
+            decider = SqlDecider(self.watcher.engine, peer, POSTGRES)
+            ctx = RouteContext(
+                app=config.app,
+                instance=config.instance,
+                service=route.service,
+                decider=decider,
+                limiter=self.limiter,
+                sink=self.sink,
+                record_all=config.audit.record == "all",
+                full_statements=config.audit.full_statements,
+                policy_version=lambda: self.watcher.version,
+            )
+            self.routes.append(_RouteRuntime(route, ctx))
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for rt in self.routes:
+            host, port = rt.route.listen
+            rt.server = server = await loop.create_server(
+                self._factory(rt), host, port, reuse_address=True
+            )
+            bound = server.sockets[0].getsockname()
+            log.info(
+                "route %s: listening on %s:%d -> upstream %s:%d (%s)",
+                rt.route.service,
+                bound[0],
+                bound[1],
+                *rt.route.upstream,
+                rt.route.protocol,
+            )
+        self._tasks.append(asyncio.create_task(self._reload_loop()))
+        self._tasks.append(asyncio.create_task(self._flush_loop()))
+
+    def _factory(self, rt: _RouteRuntime) -> Callable[[], ClientSide]:
+        return lambda: ClientSide(self, rt)
+
+    def addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for rt in self.routes:
+            if rt.server is not None:
+                name = rt.server.sockets[0].getsockname()
+                out.append((name[0], name[1]))
+        return out
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for rt in self.routes:
+            if rt.server is not None:
+                rt.server.close()
+            for side in list(rt.sessions):
+                side.close()
+        for rt in self.routes:
+            if rt.server is not None:
+                with contextlib.suppress(Exception):
+                    await rt.server.wait_closed()
+        self.sink.close()
+        self._stopped.set()
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reload_interval)
+            engine = self.watcher.poll()
+            if engine is not None:
+                for rt in self.routes:
+                    rt.ctx.decider.use(engine)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(AUDIT_FLUSH_INTERVAL)
+            self.sink.flush()
+
+    async def route_cancel(self, packet: bytes) -> None:
+        """Send an app's CancelRequest to the server whose BackendKeyData it quotes."""
+        route = self.cancel_keys.get(packet[8:])
+        if route is None:
+            log.info("cancel request with an unknown key ignored")
+            return
+        try:
+            _reader, writer = await asyncio.wait_for(
+                _open_upstream(route), timeout=route.connect_timeout
+            )
+            writer.write(packet)
+            await writer.drain()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            log.warning("cancel request to %s:%d failed: %s", *route.upstream, exc)
+
+
+class ClientSide(asyncio.Protocol):
+    """The app's connection; owns the session and the upstream connection."""
+
+    def __init__(self, sidecar: Sidecar, rt: _RouteRuntime) -> None:
+        self.sidecar = sidecar
+        self.rt = rt
+        self.transport: asyncio.Transport | None = None
+        self.upstream: ServerSide | None = None
+        self.session = PgSession(rt.ctx, f"{rt.ctx.instance}-{next(sidecar._ids)}")
+        self._connecting = False
+        self._closed = False
+        self._paused_by_delay = False
+        self._key: bytes | None = None
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.rt.sessions.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.session.client_data(data)
+        self.pump()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.rt.sessions.discard(self)
+        if self._key is not None:
+            self.sidecar.cancel_keys.pop(self._key, None)
+        if self.upstream is not None:
+            self.upstream.close()
+
+    def pause_writing(self) -> None:  # the app reads slowly: stop reading the server
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+    # moving bytes
+
+    def pump(self) -> None:
+        s = self.session
+        transport = self.transport
+        if transport is None:
+            return
+        if s.to_client:
+            transport.write(bytes(s.to_client))
+            s.to_client.clear()
+        if s.backend_key is not None and self._key is None:
+            self._key = s.backend_key
+            self.sidecar.cancel_keys[self._key] = self.rt.route
+        up = self.upstream
+        if up is not None and up.transport is not None and s.to_server:
+            up.transport.write(bytes(s.to_server))
+            s.to_server.clear()
+        elif s.startup_sent and up is None and not self._connecting:
+            self._connecting = True
+            asyncio.get_running_loop().create_task(self._connect())
+        if s.cancel_packet is not None:
+            packet, s.cancel_packet = s.cancel_packet, None
+            asyncio.get_running_loop().create_task(self.sidecar.route_cancel(packet))
+        if s.wait > 0 and not self._paused_by_delay:
+            self._paused_by_delay = True
+            transport.pause_reading()
+            asyncio.get_running_loop().call_later(s.wait, self._release)
+        if s.closing is not None:
+            self.close()
+
+    def _release(self) -> None:
+        self._paused_by_delay = False
+        if self._closed:
+            return
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self.session.release()
+        self.pump()
+
+    async def _connect(self) -> None:
+        route = self.rt.route
+        loop = asyncio.get_running_loop()
+        host, port = route.upstream
+        try:
+            if route.tls.mode == "disable":
+                _, proto = await asyncio.wait_for(
+                    loop.create_connection(lambda: ServerSide(self), host, port),
+                    timeout=route.connect_timeout,
+                )
+            else:
+                proto = await asyncio.wait_for(
+                    _connect_tls(route, lambda: ServerSide(self)), timeout=route.connect_timeout
+                )
+        except (OSError, TimeoutError, ssl.SSLError, _TlsRefused) as exc:
+            reason = _describe(exc, route.connect_timeout)
+            log.warning("upstream %s at %s:%d unreachable: %s", route.service, host, port, reason)
+            self._fail_upstream(
+                f"cannot connect to upstream {route.service} at {host}:{port}: {reason}"
+            )
+            return
+        if self._closed:
+            proto.close()
+            return
+        self.upstream = proto
+        self.pump()
+
+    def _fail_upstream(self, text: str) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.write(
+                pg.error_response(CONNECTION_FAILURE, f"sluice: {text}", severity="FATAL")
+            )
+        self.close()
+
+    def server_lost(self) -> None:
+        """The server closed its side: flush what it said and close the app's side."""
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()  # writes what is buffered, then closes
+        if self.upstream is not None:
+            self.upstream.close()
+
+
+class ServerSide(asyncio.Protocol):
+    """The connection to the upstream server, on behalf of one `ClientSide`."""
+
+    def __init__(self, client: ClientSide) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.client.session.server_data(data)
+        self.client.pump()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.server_lost()
+
+    def pause_writing(self) -> None:  # the server reads slowly: stop reading the app
+        if self.client.transport is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client.transport is not None and not self.client._paused_by_delay:
+            self.client.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+class _TlsRefused(Exception):
+    pass
+
+
+def _tls_context(tls: UpstreamTls) -> ssl.SSLContext:
+    if tls.mode in ("verify-ca", "verify-full"):
+        context = ssl.create_default_context(cafile=tls.ca_file)
+        context.check_hostname = tls.mode == "verify-full"
+        return context
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # prefer/require: encrypt, no checks
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def _negotiate_tls(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, route: Route
+) -> bool:
+    writer.write(_SSL_REQUEST)
+    await writer.drain()
+    answer = await reader.readexactly(1)
+    if answer == b"S":
+        return True
+    if answer == b"N" and route.tls.mode == "prefer":
+        return False
+    raise _TlsRefused(
+        f"the server does not accept TLS (answered {answer!r}; tls mode {route.tls.mode})"
+    )
+
+
+async def _connect_tls(route: Route, factory: Callable[[], ServerSide]) -> ServerSide:
+    reader, writer = await asyncio.open_connection(*route.upstream)
+    loop = asyncio.get_running_loop()
+    transport: asyncio.BaseTransport = writer.transport
+    if await _negotiate_tls(reader, writer, route):
+        server_name = route.tls.server_name or route.upstream[0]
+        new = await loop.start_tls(
+            writer.transport,
+            writer.transport.get_protocol(),
+            _tls_context(route.tls),
+            server_hostname=server_name,
+        )
+        assert new is not None
+        transport = new
+    proto = factory()
+    transport.set_protocol(proto)
+    proto.connection_made(transport)
+    return proto
+
+
+async def _open_upstream(route: Route) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(*route.upstream)
+    if route.tls.mode != "disable" and await _negotiate_tls(reader, writer, route):
+        server_name = route.tls.server_name or route.upstream[0]
+        await writer.start_tls(_tls_context(route.tls), server_hostname=server_name)
+    return reader, writer
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g}s"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+async def run(config: SidecarConfig, ready: asyncio.Event | None = None) -> None:
+    """Run a sidecar until SIGINT or SIGTERM."""
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    log.info("sidecar ready (pid %d); Ctrl-C stops it", os.getpid())
+    await stop.wait()
+    log.info("stopping")
+    await sidecar.stop()
