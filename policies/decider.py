@@ -4,6 +4,12 @@ One `SqlDecider` serves one route (a source app talking to one destination in on
 Its cache is keyed by the exact statement text plus the session state; an entry is reused
 while the engine is the same and, when any rule of the route has a time window, within the
 same minute (windows have minute granularity, so the decision cannot change inside one).
+
+Apps that inline constants (`WHERE aid = 41`, `WHERE aid = 42`, ...) send a new text each
+time. For PostgreSQL, a second cache is keyed by the statement's *shape*: the text with its
+constants replaced by libpg_query's normaliser, used only where the inspection cannot depend
+on a constant's value (see `policies.sql.postgres.shape`) and only for single statements.
+It is never a fingerprint: comments, identifiers and dollar-quoted code stay in the key.
 """
 
 from __future__ import annotations
@@ -12,12 +18,24 @@ from policies.attributes import Peer
 from policies.engine import Decision, Engine
 from policies.sql.inspect import DEFAULT_CACHE_SIZE, MAX_CACHED_LENGTH, SessionState, inspect
 from policies.sql.model import StatementInfo
+from policies.sql.postgres import shape
 
 _Entry = tuple[int, tuple[StatementInfo, ...], Decision]
 
 
 class SqlDecider:
-    __slots__ = ("_entries", "engine", "hits", "misses", "peer", "size", "state")
+    __slots__ = (
+        "_entries",
+        "_shapes",
+        "engine",
+        "hits",
+        "last_shape",
+        "misses",
+        "peer",
+        "shape_hits",
+        "size",
+        "state",
+    )
 
     def __init__(
         self, engine: Engine, peer: Peer, state: SessionState, size: int = DEFAULT_CACHE_SIZE
@@ -27,24 +45,33 @@ class SqlDecider:
         self.state = state
         self.size = size
         self._entries: dict[tuple[SessionState, str], _Entry] = {}
+        self._shapes: dict[tuple[SessionState, str], _Entry] = {}
         self.hits = 0
         self.misses = 0
+        self.shape_hits = 0
+        # The shape of the text of the last decide() that computed one, else None: the
+        # audit trail masks a statement once per shape.
+        self.last_shape: str | None = None
 
     def use(self, engine: Engine) -> None:
         """Switch to a new policy set (a reload): cached decisions are dropped."""
         self.engine = engine
         self._entries.clear()
+        self._shapes.clear()
 
     def decide(
         self, sql: str, now: float, state: SessionState | None = None
     ) -> tuple[tuple[StatementInfo, ...], Decision]:
         st = self.state if state is None else state
+        self.last_shape = None
         key = (st, sql)
         minute = int(now // 60)
         entry = self._entries.get(key)
         if entry is not None and (entry[0] < 0 or entry[0] == minute):
             self.hits += 1
             return entry[1], entry[2]
+        if entry is None and st.dialect == "postgres" and st.standard_conforming_strings:
+            return self._decide_by_shape(sql, st, now, minute)
         self.misses += 1
         statements = entry[1] if entry is not None else inspect(sql, st)
         decision = self.engine.decide_all(self.peer, statements, now)
@@ -55,6 +82,40 @@ class SqlDecider:
             self._entries[key] = (-1 if timeless else minute, statements, decision)
         return statements, decision
 
+    def _decide_by_shape(
+        self, sql: str, st: SessionState, now: float, minute: int
+    ) -> tuple[tuple[StatementInfo, ...], Decision]:
+        form = shape(sql) if len(sql) <= MAX_CACHED_LENGTH else None
+        self.last_shape = form
+        key = (st, form if form is not None else sql)
+        entry = self._shapes.get(key) if form is not None else None
+        if entry is not None and (entry[0] < 0 or entry[0] == minute):
+            self.hits += 1
+            self.shape_hits += 1
+            return entry[1], entry[2]
+        self.misses += 1
+        statements = inspect(sql, st)
+        decision = self.engine.decide_all(self.peer, statements, now)
+        if len(sql) <= MAX_CACHED_LENGTH:
+            timeless = self.engine.view(self.peer).timeless
+            new: _Entry = (-1 if timeless else minute, statements, decision)
+            _put(self._entries, (st, sql), new, self.size)
+            if form is not None and len(statements) == 1 and statements[0].error is None:
+                _put(self._shapes, key, new, self.size)
+        return statements, decision
+
     def decide_statement(self, info: StatementInfo, now: float) -> Decision:
         """Decide an already-inspected statement (a prepared statement's body at EXECUTE)."""
         return self.engine.decide(self.peer, info, now)
+
+
+def _put(
+    cache: dict[tuple[SessionState, str], _Entry],
+    key: tuple[SessionState, str],
+    entry: _Entry,
+    size: int,
+) -> None:
+    """Insert into a FIFO-bounded cache (dict order is insertion order)."""
+    if key not in cache and len(cache) >= size:
+        del cache[next(iter(cache))]
+    cache[key] = entry

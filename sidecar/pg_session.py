@@ -90,6 +90,7 @@ class _Run:
     info: StatementInfo | None
     decision: Decision
     outcome: str  # allow | deny | reject | delay
+    shape: str | None = None  # the text's constant-free shape: one masking per shape
 
 
 class PgSession:
@@ -458,6 +459,12 @@ class PgSession:
                     self._parameter(buf, pos, end)
                 elif kind == 0x4B:  # BackendKeyData
                     self.backend_key = bytes(buf[pos + 5 : end])
+                elif kind == 0x52 and self._phase == _AUTH:  # Authentication*
+                    replacement = _without_channel_binding(buf, pos, end)
+                    if replacement is not None:
+                        out += buf[fwd:pos]
+                        out += replacement
+                        fwd = end
                 pos = end
         except pg.ProtocolError as exc:
             out += buf[fwd:pos]
@@ -551,7 +558,8 @@ class PgSession:
     ) -> _Run | None:
         if not force and not self._wants(decision) and outcome == "allow":
             return None
-        return _Run(now, time.monotonic(), sql, info, decision, outcome)
+        shape = self.ctx.decider.last_shape
+        return _Run(now, time.monotonic(), sql, info, decision, outcome, shape)
 
     def _record(self, run: _Run, rows: int | None, error: str | None) -> None:
         ctx = self.ctx
@@ -571,7 +579,7 @@ class PgSession:
             rule=decision.rule,
             verbs=tuple(sorted(info.verbs)) if info else (),
             tables=info.tables if info else (),
-            statement=self._statement_text(run.sql),
+            statement=self._statement_text(run.sql, run.shape),
             duration_ms=round((time.monotonic() - run.started) * 1000, 3),
             rows=rows,
             error=error,
@@ -579,11 +587,11 @@ class PgSession:
         )
         ctx.sink.record(event)
 
-    def _statement_text(self, sql: str) -> str:
+    def _statement_text(self, sql: str, shape: str | None) -> str:
         ctx = self.ctx
         if ctx.full_statements:
             return sql
-        key = (self.state, sql)
+        key = (self.state, shape if shape is not None else sql)
         masked = ctx.masks.get(key)
         if masked is None:
             masked = mask(sql, self.state)
@@ -627,6 +635,19 @@ def _limit_text(ticket: LimitTicket) -> str:
     limit = ticket.limit
     text = f"sluice: rate limit {ticket.rule_id} exceeded ({limit.rate:g} per {limit.per:g}s)"
     return f"{text}: {ticket.message}" if ticket.message else text
+
+
+def _without_channel_binding(buf: bytearray, pos: int, end: int) -> bytes | None:
+    """An AuthenticationSASL without the -PLUS mechanisms, when it offers any. They bind
+    SCRAM to the server's TLS session, which the app (plaintext to its sidecar) is not in;
+    and libpq refuses a server that offers one over a non-SSL connection."""
+    if pg.auth_code(buf, pos + 5, end) != pg.AUTH_SASL:
+        return None
+    offered = pg.sasl_mechanisms(buf, pos + 9, end)
+    kept = [m for m in offered if not m.endswith(b"-PLUS")]
+    if not kept or len(kept) == len(offered):
+        return None
+    return pg.authentication_sasl(kept)
 
 
 def _python_encoding(name: str) -> str:

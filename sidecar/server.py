@@ -337,35 +337,64 @@ def _tls_context(tls: UpstreamTls) -> ssl.SSLContext:
     return context
 
 
-async def _negotiate_tls(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, route: Route
-) -> bool:
-    writer.write(_SSL_REQUEST)
-    await writer.drain()
-    answer = await reader.readexactly(1)
+def _tls_accepted(answer: bytes, route: Route) -> bool:
+    """The server's answer to SSLRequest: True to start TLS, False to go on in plaintext.
+    Anything but exactly one byte is refused: bytes after the answer would have come from
+    outside the TLS session (CVE-2021-23222)."""
     if answer == b"S":
         return True
     if answer == b"N" and route.tls.mode == "prefer":
         return False
     raise _TlsRefused(
-        f"the server does not accept TLS (answered {answer!r}; tls mode {route.tls.mode})"
+        f"the server does not accept TLS (answered {answer[:16]!r}; tls mode {route.tls.mode})"
     )
 
 
+async def _negotiate_tls(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, route: Route
+) -> bool:
+    writer.write(_SSL_REQUEST)
+    await writer.drain()
+    try:
+        answer = await reader.readexactly(1)
+    except asyncio.IncompleteReadError:
+        raise _TlsRefused("the server closed the connection during TLS negotiation") from None
+    return _tls_accepted(answer, route)
+
+
+class _TlsAnswer(asyncio.Protocol):
+    """Waits for the server's answer to SSLRequest. A plain Protocol, not a StreamWriter:
+    a StreamWriter that is garbage-collected closes its transport, which here lives on."""
+
+    def __init__(self) -> None:
+        self.answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.answer.done():
+            self.answer.set_result(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(
+                _TlsRefused("the server closed the connection during TLS negotiation")
+            )
+
+
 async def _connect_tls(route: Route, factory: Callable[[], ServerSide]) -> ServerSide:
-    reader, writer = await asyncio.open_connection(*route.upstream)
     loop = asyncio.get_running_loop()
-    transport: asyncio.BaseTransport = writer.transport
-    if await _negotiate_tls(reader, writer, route):
-        server_name = route.tls.server_name or route.upstream[0]
-        new = await loop.start_tls(
-            writer.transport,
-            writer.transport.get_protocol(),
-            _tls_context(route.tls),
-            server_hostname=server_name,
-        )
-        assert new is not None
-        transport = new
+    transport, negotiation = await loop.create_connection(_TlsAnswer, *route.upstream)
+    try:
+        transport.write(_SSL_REQUEST)
+        if _tls_accepted(await negotiation.answer, route):
+            server_name = route.tls.server_name or route.upstream[0]
+            new = await loop.start_tls(
+                transport, negotiation, _tls_context(route.tls), server_hostname=server_name
+            )
+            assert new is not None
+            transport = new
+    except BaseException:  # refused, a failed handshake, or the connect timeout
+        transport.close()
+        raise
     proto = factory()
     transport.set_protocol(proto)
     proto.connection_made(transport)
@@ -374,9 +403,13 @@ async def _connect_tls(route: Route, factory: Callable[[], ServerSide]) -> Serve
 
 async def _open_upstream(route: Route) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection(*route.upstream)
-    if route.tls.mode != "disable" and await _negotiate_tls(reader, writer, route):
-        server_name = route.tls.server_name or route.upstream[0]
-        await writer.start_tls(_tls_context(route.tls), server_hostname=server_name)
+    try:
+        if route.tls.mode != "disable" and await _negotiate_tls(reader, writer, route):
+            server_name = route.tls.server_name or route.upstream[0]
+            await writer.start_tls(_tls_context(route.tls), server_hostname=server_name)
+    except BaseException:
+        writer.close()
+        raise
     return reader, writer
 
 

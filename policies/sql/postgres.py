@@ -23,6 +23,7 @@ on any destination with a deny rule.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -105,6 +106,32 @@ _SCS_OFF = (
     "standard_conforming_strings is off and the text contains a backslash: Sluice reads "
     "SQL as PostgreSQL does with it on, so it cannot tell where this string ends"
 )
+
+
+# Statements whose inspection can depend on a constant's value: a DO block's body is a string,
+# so is a function body, and EXPLAIN's options may be quoted (`EXPLAIN (ANALYZE 'on')`); the
+# others get special handling. A word match anywhere (even in a comment) only costs a cache
+# opportunity, never a wrong decision.
+_CONSTANT_SENSITIVE = re.compile(
+    r"\b(?:do|explain|create|function|procedure|execute|prepare|call|copy)\b", re.IGNORECASE
+)
+
+
+def shape(sql: str) -> str | None:
+    """The statement with every constant replaced by `$n` (libpg_query's normalisation), when
+    its inspection cannot depend on the constants' values; None otherwise.
+
+    Texts of one shape inspect alike, except for byte offsets (`span`), so a decision cache
+    may share one entry between them; the caller shares only single-statement results.
+    Comments and identifiers are kept, so texts that differ in anything but constants have
+    different shapes. Assumes standard_conforming_strings is on.
+    """
+    if _CONSTANT_SENSITIVE.search(sql):
+        return None
+    try:
+        return str(parser.normalize(sql))
+    except Exception:  # does not parse: the caller inspects it and gets the error
+        return None
 
 
 def inspect(sql: str, *, standard_conforming_strings: bool = True) -> tuple[StatementInfo, ...]:

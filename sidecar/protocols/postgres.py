@@ -15,6 +15,9 @@ CANCEL_REQUEST = 80877102
 # Protocol 3.x: major 3 in the high 16 bits; PostgreSQL 18's libpq may ask for 3.2.
 PROTOCOL_MAJOR_3 = 3
 
+# Authentication request code of AuthenticationSASL (the mechanisms follow).
+AUTH_SASL = 10
+
 # PostgreSQL's own bound on a startup packet (MAX_STARTUP_PACKET_LENGTH).
 MAX_STARTUP_LENGTH = 10_000
 # Bound on any other message. The server accepts up to 1 GB for some; a sidecar holding a
@@ -100,6 +103,23 @@ def error_fields(buf: bytes | bytearray, start: int, end: int) -> dict[str, str]
     return out
 
 
+def auth_code(buf: bytes | bytearray, start: int, end: int) -> int | None:
+    """The request code of an Authentication message body (None: too short)."""
+    if end - start < 4:
+        return None
+    return int(_INT32.unpack_from(buf, start)[0])
+
+
+def sasl_mechanisms(buf: bytes | bytearray, start: int, end: int) -> list[bytes]:
+    """The mechanism names of an AuthenticationSASL body, after its code."""
+    out = []
+    pos = start
+    while pos < end and buf[pos] != 0:
+        name, pos = cstring(buf, pos, end)
+        out.append(name)
+    return out
+
+
 def command_rows(tag: bytes) -> int | None:
     """Rows from a CommandComplete tag ("INSERT 0 5", "DELETE 3", "SELECT 7"), if any."""
     last = tag.rsplit(b" ", 1)[-1]
@@ -134,6 +154,11 @@ def error_message(fields: dict[str, str]) -> bytes:
     """An ErrorResponse with exactly these fields (code letter -> value)."""
     body = b"".join(k.encode() + v.encode("utf-8", "replace") + b"\0" for k, v in fields.items())
     return message(b"E", body + b"\0")
+
+
+def authentication_sasl(mechanisms: list[bytes]) -> bytes:
+    body = b"".join(m + b"\0" for m in mechanisms) + b"\0"
+    return message(b"R", _INT32.pack(AUTH_SASL) + body)
 
 
 def query(text: bytes) -> bytes:

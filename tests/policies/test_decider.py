@@ -5,12 +5,15 @@ from __future__ import annotations
 import textwrap
 from datetime import datetime
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from policies.attributes import Peer
 from policies.decider import SqlDecider
 from policies.engine import Engine
 from policies.loader import load_texts
 from policies.spec import Action
-from policies.sql.inspect import POSTGRES, InspectionCache, SessionState
+from policies.sql.inspect import POSTGRES, InspectionCache, SessionState, inspect
 
 POLICY = textwrap.dedent(
     """\
@@ -84,3 +87,75 @@ def test_inspection_cache_is_bounded_fifo() -> None:
     assert cache.hits == 1
     cache.inspect("SELECT 0")
     assert cache.misses == 6
+
+
+def test_texts_differing_only_in_constants_share_one_inspection() -> None:
+    d = SqlDecider(Engine(load_texts([("p.yaml", POLICY)])), PEER, POSTGRES)
+    now = at("2026-11-24T12:00:00+00:00")
+    for i in range(50):
+        statements, decision = d.decide(
+            f"SELECT abalance FROM accounts WHERE aid = {i} AND note = 'n{i}'", now
+        )
+        assert statements[0].tables == ("accounts",) and decision.applied is Action.ALLOW
+    assert d.misses == 1 and d.shape_hits == 49
+
+
+def test_shapes_never_merge_what_constants_can_change() -> None:
+    d = SqlDecider(
+        Engine(
+            load_texts([("p.yaml", POLICY.replace('\n          when: {time: "01:00-02:00"}', ""))])
+        ),
+        PEER,
+        POSTGRES,
+    )
+    night = at("2026-11-24T01:30:00+00:00")
+    # EXPLAIN's options may be quoted constants; DO bodies are strings.
+    assert d.decide("EXPLAIN (ANALYZE 'off') SELECT 1", night)[1].applied is Action.ALLOW
+    assert d.decide("DO $$BEGIN PERFORM 1; END$$", night)[1].applied is Action.ALLOW
+    assert d.decide("DO $$BEGIN DROP TABLE t; END$$", night)[1].applied is Action.DENY
+    # Comments and identifiers are part of the shape.
+    assert d.decide("SELECT 1 /* a */ FROM t", night)[0][0].tables == ("t",)
+    assert d.decide("SELECT 1 /* a */ FROM u", night)[0][0].tables == ("u",)
+    # Multi-statement strings are never shared by shape (their byte spans differ).
+    first, _ = d.decide("SELECT 1; DROP TABLE t", night)
+    second, decision = d.decide("SELECT 22; DROP TABLE t", night)
+    assert decision.applied is Action.DENY and second[1].span == (11, 23) != first[1].span
+
+
+TEMPLATES = [
+    "SELECT * FROM t WHERE a = {c}",
+    "UPDATE t SET a = {c} WHERE b = {c}",
+    "DELETE FROM t WHERE a = {c}",
+    "DELETE FROM t",
+    "INSERT INTO t VALUES ({c}, {c})",
+    "SELECT dblink_exec({c})",
+    "WITH d AS (DELETE FROM t WHERE a = {c} RETURNING *) SELECT * FROM d",
+    "DROP TABLE t",
+    "SELECT {c} FROM t -- {c}",
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(TEMPLATES),
+            st.sampled_from(
+                ["1", "-2", "3.5", "'x'", "'DROP TABLE t'", "$$q$$", "E'\\\\x'", "NULL"]
+            ),
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_cached_results_equal_fresh_inspection(texts: list[tuple[str, str]]) -> None:
+    d = SqlDecider(Engine(load_texts([("p.yaml", POLICY)])), PEER, POSTGRES)
+    now = at("2026-11-24T01:30:00+00:00")
+    for template, constant in texts:
+        sql = template.format(c=constant)
+        statements, decision = d.decide(sql, now)
+        fresh = inspect(sql)
+        assert [(s.verbs, s.tables, s.no_where, s.opaque, s.error) for s in statements] == [
+            (s.verbs, s.tables, s.no_where, s.opaque, s.error) for s in fresh
+        ], sql
+        assert decision == d.engine.decide_all(PEER, fresh, now)
