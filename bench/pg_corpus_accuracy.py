@@ -69,7 +69,8 @@ def with_sqlparse(sql: str) -> tuple[str, set[str], bool]:
     return kind, {kind}, False
 
 
-def evaluate(name: str, fn, rows, fold) -> tuple[list[object], list[float]]:
+def evaluate(name: str, fn, rows, fold, per_verb) -> tuple[list[object], list[float]]:
+    """Score one inspector; `per_verb[verb]` collects (found, reported-without-truth) counts."""
     misses = false = agree = 0
     samples: list[float] = []
     clock = time.perf_counter_ns
@@ -77,6 +78,15 @@ def evaluate(name: str, fn, rows, fold) -> tuple[list[object], list[float]]:
         t0 = clock()
         verb, verbs, opaque = fn(sql)
         samples.append((clock() - t0) / 1000)
+        folded = {fold.get(v, v) for v in verbs}
+        effective = set(truth["effective"]) | ({"DROP"} if truth.get("alter_drop") else set())
+        for v in effective | folded:
+            counts = per_verb.setdefault(v, [0, 0, 0])
+            if v in effective:
+                counts[0] += 1
+                counts[1] += v in folded
+            else:
+                counts[2] += 1
         expected = set(truth["effective"]) & DANGEROUS | (
             {"DROP"} if truth.get("alter_drop") else set()
         )
@@ -109,8 +119,12 @@ def main() -> int:
     print(
         f"PostgreSQL regression corpus: {len(rows)} statements, {destructive} run DELETE/DROP/TRUNCATE\n"
     )
-    ours, ours_t = evaluate("sluice (pglast)", sluice, rows, FOLD)
-    theirs, theirs_t = evaluate("sqlparse get_type", with_sqlparse, rows, SQLPARSE_FOLD)
+    ours_verbs: dict[str, list[int]] = {}
+    theirs_verbs: dict[str, list[int]] = {}
+    ours, ours_t = evaluate("sluice (pglast)", sluice, rows, FOLD, ours_verbs)
+    theirs, theirs_t = evaluate(
+        "sqlparse get_type", with_sqlparse, rows, SQLPARSE_FOLD, theirs_verbs
+    )
     print(
         table(
             (
@@ -125,9 +139,16 @@ def main() -> int:
             [ours, theirs],
         )
     )
-    print(
-        f"\nspeed ratio sqlparse / sluice (p50): {percentile(theirs_t, 0.5) / percentile(ours_t, 0.5):.1f}x"
-    )
+    print("\nPer verb: statements that truly run it, the share each inspector reports, and")
+    print("'extra': statements reported with the verb that do not run it.\n")
+    verb_rows = []
+    for verb in sorted(v for v in ours_verbs if ours_verbs[v][0]):
+        o, t = ours_verbs[verb], theirs_verbs.get(verb, [0, 0, 0])
+        verb_rows.append((verb, o[0], 100 * o[1] / o[0], o[2], 100 * t[1] / o[0], t[2]))
+    headers = ("verb", "truth", "sluice %", "sluice extra", "sqlparse %", "sqlparse extra")
+    print(table(headers, verb_rows))
+    ratio = percentile(theirs_t, 0.5) / percentile(ours_t, 0.5)
+    print(f"\nspeed ratio sqlparse / sluice (p50): {ratio:.1f}x")
     return 0 if ours[2] == 0 and ours[3] == 0 else 1
 
 
