@@ -63,9 +63,13 @@ def with_sqlparse(sql: str) -> Verdict:
 
 
 def evaluate(
-    name: str, fn: Callable[[str], Verdict], rows: list[tuple[str, str]]
+    name: str,
+    fn: Callable[[str], Verdict],
+    rows: list[tuple[str, str]],
+    per_verb: dict[str, list[int]],
 ) -> tuple[list[object], float]:
-    """The table row for one inspector, and its p50 µs."""
+    """The table row for one inspector, and its p50 µs; `per_verb[verb]` collects
+    (statements the server counted as verb, of which reported with it)."""
     for sql, _ in rows:  # warm-up: caches, imports
         fn(sql)
     misses = agree = 0
@@ -76,6 +80,9 @@ def evaluate(
         verbs, unseen = fn(sql)
         samples.append((clock() - t0) / 1000)
         agree += server_verb in verbs
+        counts = per_verb.setdefault(server_verb, [0, 0])
+        counts[0] += 1
+        counts[1] += server_verb in verbs
         misses += server_verb in DANGEROUS and server_verb not in verbs and not unseen
     p50 = percentile(samples, 0.5)
     return [name, len(rows), misses, 100 * agree / len(rows), p50, percentile(samples, 0.99)], p50
@@ -93,10 +100,18 @@ def main() -> int:
         f"MySQL/MariaDB grammar corpus: {len(rows)} statements the server ran, "
         f"{dangerous} of them DELETE/DROP/TRUNCATE\n"
     )
-    ours, ours_p50 = evaluate("sluice (mysql lexer)", sluice, rows)
-    theirs, theirs_p50 = evaluate("sqlparse get_type", with_sqlparse, rows)
+    ours_verbs: dict[str, list[int]] = {}
+    theirs_verbs: dict[str, list[int]] = {}
+    ours, ours_p50 = evaluate("sluice (mysql lexer)", sluice, rows, ours_verbs)
+    theirs, theirs_p50 = evaluate("sqlparse get_type", with_sqlparse, rows, theirs_verbs)
     headers = ("inspector", "statements", "security misses", "verb agreement %", "p50 µs", "p99 µs")
     print(table(headers, [ours, theirs]))
+    print("\nPer verb (the server's Com_* counter): statements, and the share each reports\n")
+    verb_rows = [
+        (verb, n, 100 * found / n, 100 * theirs_verbs[verb][1] / n)
+        for verb, (n, found) in sorted(ours_verbs.items())
+    ]
+    print(table(("verb", "statements", "sluice %", "sqlparse %"), verb_rows))
     print(f"\nspeed ratio sqlparse / sluice (p50): {theirs_p50 / ours_p50:.1f}x")
     return 0 if ours[2] == 0 else 1
 
