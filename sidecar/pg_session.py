@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import codecs
 import itertools
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -50,6 +51,7 @@ PROTOCOL_VIOLATION = "08P01"
 _PARSE, _PARSE_SWALLOW, _BIND, _BIND_SWALLOW, _EXEC, _SYNC = range(6)
 
 _STARTUP, _AUTH, _READY = range(3)
+_unpack_int32 = struct.Struct("!i").unpack_from
 _OPAQUE_CALL = StatementInfo(verb="CALL", verbs=frozenset({"CALL"}), opaque=True)
 _UNKNOWN_PORTAL = StatementInfo(verb="EXECUTE", verbs=frozenset({"EXECUTE"}), opaque=True)
 _MASK_CACHE_SIZE = 10_000
@@ -167,50 +169,55 @@ class PgSession:
         pos = fwd = 0
         out = self.to_server
         limit = self.ctx.max_message
-        while self.wait == 0.0 and self.closing is None:
-            n = pg.message_length(buf, pos, limit)
-            if n is None or len(buf) - pos < n:
-                break
-            end = pos + n
-            kind = buf[pos]
-            if self._discarding:
-                out += buf[fwd:pos]
-                fwd = end
-                if kind == 0x53:  # Sync ends the error state
-                    self._discarding = False
-                    out += buf[pos:end]
-                    self._pending.append((_SYNC, None))
-            elif kind == 0x51:  # Q
-                out += buf[fwd:pos]
-                fwd = end
-                self._query(bytes(buf[pos + 5 : end - 1]))
-            elif kind == 0x50:  # Parse
-                replacement = self._parse(buf, pos, end)
-                if replacement is not None:
+        # On a malformed message, what came before it is still forwarded, as it would
+        # have been had it arrived in an earlier read: the output must not depend on how
+        # the input was split.
+        try:
+            while self.wait == 0.0 and self.closing is None:
+                n = pg.message_length(buf, pos, limit)
+                if n is None or len(buf) - pos < n:
+                    break
+                end = pos + n
+                kind = buf[pos]
+                if self._discarding:
                     out += buf[fwd:pos]
-                    out += replacement
                     fwd = end
-            elif kind == 0x42:  # Bind
-                portal, statement = pg.bind_fields(buf, pos + 5, end)
-                self._portals[portal] = statement
-                self._pending.append((_BIND, None))
-            elif kind == 0x45:  # Execute
-                out += buf[fwd:pos]
-                fwd = end
-                self._execute(buf, pos, end)
-            elif kind == 0x53:  # Sync
-                self._pending.append((_SYNC, None))
-            elif kind == 0x43:  # Close
-                self._close(buf, pos, end)
-            elif kind == 0x46:  # FunctionCall
-                out += buf[fwd:pos]
-                fwd = end
-                self._function_call(bytes(buf[pos:end]))
-            elif kind == 0x58:  # Terminate
-                self.closing = "client terminated"
-            pos = end
-        out += buf[fwd:pos]
-        del buf[:pos]
+                    if kind == 0x53:  # Sync ends the error state
+                        self._discarding = False
+                        out += buf[pos:end]
+                        self._pending.append((_SYNC, None))
+                elif kind == 0x51:  # Q
+                    out += buf[fwd:pos]
+                    fwd = end
+                    self._query(bytes(buf[pos + 5 : end - 1]))
+                elif kind == 0x50:  # Parse
+                    replacement = self._parse(buf, pos, end)
+                    if replacement is not None:
+                        out += buf[fwd:pos]
+                        out += replacement
+                        fwd = end
+                elif kind == 0x42:  # Bind
+                    portal, statement = pg.bind_fields(buf, pos + 5, end)
+                    self._portals[portal] = statement
+                    self._pending.append((_BIND, None))
+                elif kind == 0x45:  # Execute
+                    out += buf[fwd:pos]
+                    fwd = end
+                    self._execute(buf, pos, end)
+                elif kind == 0x53:  # Sync
+                    self._pending.append((_SYNC, None))
+                elif kind == 0x43:  # Close
+                    self._close(buf, pos, end)
+                elif kind == 0x46:  # FunctionCall
+                    out += buf[fwd:pos]
+                    fwd = end
+                    self._function_call(bytes(buf[pos:end]))
+                elif kind == 0x58:  # Terminate
+                    self.closing = "client terminated"
+                pos = end
+        finally:
+            out += buf[fwd:pos]
+            del buf[:pos]
 
     def _query(self, raw: bytes) -> None:
         ctx = self.ctx
@@ -421,12 +428,20 @@ class PgSession:
         pending = self._pending
         limit = self.ctx.max_message
         try:
-            while True:
-                n = pg.message_length(buf, pos, limit)
-                if n is None or len(buf) - pos < n:
+            size = len(buf)
+            while self.closing is None:  # closing: nothing more goes to the app
+                if size - pos < 5:
                     break
-                end = pos + n
                 kind = buf[pos]
+                length = _unpack_int32(buf, pos + 1)[0]
+                if length < 4 or length > limit:
+                    raise pg.ProtocolError(f"invalid length {length} for message {chr(kind)!r}")
+                end = pos + 1 + length
+                if end > size:
+                    break
+                if kind == 0x44:  # DataRow: the bulk of a result, nothing to track
+                    pos = end
+                    continue
                 if kind == 0x31 or kind == 0x32:  # ParseComplete, BindComplete
                     if pending:
                         tracked = pending[0][0]
