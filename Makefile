@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install check test bench demo up clean
+.PHONY: install check test bench bench-deps demo up clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+# The peers bench/pg_sidecar.py compares the sidecar to (Debian packages; needs root).
+bench-deps:
+	apt-get update && apt-get install -y haproxy pgbouncer
 
 # The main job on the embedded default: validate and explain the example policies.
 up: $(STAMP)

@@ -10,7 +10,12 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("decision_latency.py", "pg_corpus_accuracy.py", "mysql_corpus_accuracy.py")
+BENCHES = (
+    "decision_latency.py",
+    "pg_corpus_accuracy.py",
+    "mysql_corpus_accuracy.py",
+    "pg_sidecar.py",
+)
 
 
 def main() -> int:
