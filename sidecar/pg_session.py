@@ -117,6 +117,8 @@ class PgSession:
         self._pending: deque[tuple[int, _Run | None]] = deque()
         self._discarding = False  # after a denied Parse/Execute: drop until Sync
         self._statements: dict[bytes, tuple[str, tuple[StatementInfo, ...]]] = {}
+        # Per prepared statement: (engine, minute or -1, statements, decision) last decided.
+        self._decisions: dict[bytes, tuple[object, int, tuple[StatementInfo, ...], Decision]] = {}
         self._portals: dict[bytes, bytes] = {}
         self._sql_prepared: dict[str, StatementInfo] = {}
         self.state: SessionState = POSTGRES
@@ -173,12 +175,17 @@ class PgSession:
         # have been had it arrived in an earlier read: the output must not depend on how
         # the input was split.
         try:
+            size = len(buf)
             while self.wait == 0.0 and self.closing is None:
-                n = pg.message_length(buf, pos, limit)
-                if n is None or len(buf) - pos < n:
+                if size - pos < 5:
                     break
-                end = pos + n
                 kind = buf[pos]
+                length = _unpack_int32(buf, pos + 1)[0]
+                if length < 4 or length > limit:
+                    raise pg.ProtocolError(f"invalid length {length} for message {chr(kind)!r}")
+                end = pos + 1 + length
+                if end > size:
+                    break
                 if self._discarding:
                     out += buf[fwd:pos]
                     fwd = end
@@ -304,25 +311,23 @@ class PgSession:
         sql, statements, decision = self._decide_text(raw, now)
         if decision.applied is Action.DENY:
             self._statements.pop(name, None)
+            self._decisions.pop(name, None)
             info = statements[0] if statements else None
             run = _Run(now, time.monotonic(), sql, info, decision, "deny")
             return self._inject(_deny_text(decision, info), DENIED, run, decision.reason)
         self._statements[name] = (sql, statements)
+        self._decisions.pop(name, None)
         self._pending.append((_PARSE, None))
         return None
 
     def _execute(self, buf: bytearray, pos: int, end: int) -> None:
-        portal, _ = pg.cstring(buf, pos + 5, end)
+        nul = buf.find(b"\0", pos + 5, end)
+        if nul < 0:
+            raise pg.ProtocolError("string field is not NUL-terminated")
         ctx = self.ctx
         now = ctx.clock()
-        known = self._statements.get(self._portals.get(portal, b"\xff"))
-        if known is not None:
-            sql, statements = known
-            _, decision = ctx.decider.decide(sql, now, self.state)
-            statements, decision = self._resolve(statements, decision, now)
-        else:  # a portal we did not see bound: decide it as the opaque thing it is
-            sql, statements = "", (_UNKNOWN_PORTAL,)
-            decision = ctx.decider.engine.decide(ctx.peer, _UNKNOWN_PORTAL, now)
+        name = self._portals.get(bytes(buf[pos + 5 : nul]))
+        sql, statements, decision = self._decide_statement(name, now)
         info = statements[0] if statements else None
         if decision.applied is Action.DENY:
             run = _Run(now, time.monotonic(), sql, info, decision, "deny")
@@ -340,12 +345,35 @@ class PgSession:
             if granted.delay > 0:
                 outcome = "delay"
                 self.wait = granted.delay
-        self._remember_sql_prepared(statements)
-        self._pending.append((_EXEC, self._run(sql, info, decision, now, outcome)))
+        if info is not None and (info.prepare_name is not None or info.deallocate_name is not None):
+            self._remember_sql_prepared(statements)
+        self._pending.append((_EXEC, self._run(sql, info, decision, now, outcome, shape=None)))
         if self.wait:
             self._held = bytes(buf[pos:end])
         else:
             self.to_server += buf[pos:end]
+
+    def _decide_statement(
+        self, name: bytes | None, now: float
+    ) -> tuple[str, tuple[StatementInfo, ...], Decision]:
+        """Decide what a portal runs. Repeated executions of one prepared statement reuse
+        the decision while the policy set is the same and, with time windows, the minute."""
+        ctx = self.ctx
+        known = self._statements.get(name) if name is not None else None
+        if name is None or known is None:  # a portal we did not see bound: decide it opaque
+            return "", (_UNKNOWN_PORTAL,), ctx.decider.engine.decide(ctx.peer, _UNKNOWN_PORTAL, now)
+        sql, statements = known
+        engine = ctx.decider.engine
+        minute = int(now // 60)
+        cached = self._decisions.get(name)
+        if cached is not None and cached[0] is engine and (cached[1] < 0 or cached[1] == minute):
+            return sql, cached[2], cached[3]
+        _, decision = ctx.decider.decide(sql, now, self.state)
+        resolved, decision = self._resolve(statements, decision, now)
+        if resolved is statements:  # not an EXECUTE of a session-prepared statement
+            timeless = engine.view(ctx.peer).timeless
+            self._decisions[name] = (engine, -1 if timeless else minute, statements, decision)
+        return sql, resolved, decision
 
     def _inject(self, text: str, code: str, run: _Run, detail: str | None) -> bytes:
         """Parse/Bind/Execute of a raising statement in place of the app's message; the app's
@@ -363,6 +391,7 @@ class PgSession:
         name, _ = pg.cstring(buf, pos + 6, end)
         if buf[pos + 5] == 0x53:  # 'S'tatement
             self._statements.pop(name, None)
+            self._decisions.pop(name, None)
         else:
             self._portals.pop(name, None)
 
@@ -541,7 +570,9 @@ class PgSession:
         if not statements:
             return
         if len(statements) == 1:
-            self._pending.append((_EXEC, self._run(sql, statements[0], decision, now, outcome)))
+            shape = self.ctx.decider.last_shape
+            run = self._run(sql, statements[0], decision, now, outcome, shape=shape)
+            self._pending.append((_EXEC, run))
             return
         engine, peer = self.ctx.decider.engine, self.ctx.peer
         raw = sql.encode() if self._wants(decision) else b""
@@ -570,10 +601,10 @@ class PgSession:
         outcome: str,
         *,
         force: bool = False,
+        shape: str | None = None,
     ) -> _Run | None:
         if not force and not self._wants(decision) and outcome == "allow":
             return None
-        shape = self.ctx.decider.last_shape
         return _Run(now, time.monotonic(), sql, info, decision, outcome, shape)
 
     def _record(self, run: _Run, rows: int | None, error: str | None) -> None:

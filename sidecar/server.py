@@ -216,15 +216,16 @@ class ClientSide(asyncio.Protocol):
         if transport is None:
             return
         if s.to_client:
-            transport.write(bytes(s.to_client))
-            s.to_client.clear()
+            # Hand the buffer over and start a new one: no copy, and it is never touched again.
+            out, s.to_client = s.to_client, bytearray()
+            transport.write(out)
         if s.backend_key is not None and self._key is None:
             self._key = s.backend_key
             self.sidecar.cancel_keys[self._key] = self.rt.route
         up = self.upstream
         if up is not None and up.transport is not None and s.to_server:
-            up.transport.write(bytes(s.to_server))
-            s.to_server.clear()
+            out, s.to_server = s.to_server, bytearray()
+            up.transport.write(out)
         elif s.startup_sent and up is None and not self._connecting:
             self._connecting = True
             asyncio.get_running_loop().create_task(self._connect())
