@@ -196,7 +196,7 @@ class PgSession:
                 elif kind == 0x51:  # Q
                     out += buf[fwd:pos]
                     fwd = end
-                    self._query(bytes(buf[pos + 5 : end - 1]))
+                    self._query(bytes(buf[pos:end]))
                 elif kind == 0x50:  # Parse
                     replacement = self._parse(buf, pos, end)
                     if replacement is not None:
@@ -226,7 +226,8 @@ class PgSession:
             out += buf[fwd:pos]
             del buf[:pos]
 
-    def _query(self, raw: bytes) -> None:
+    def _query(self, message: bytes) -> None:
+        raw = message[5:-1]
         ctx = self.ctx
         now = ctx.clock()
         sql, statements, decision = self._decide_text(raw, now)
@@ -246,7 +247,6 @@ class PgSession:
         self._remember_sql_prepared(statements)
         self._track_statements(sql, statements, decision, now, outcome)
         self._pending.append((_SYNC, None))
-        message = pg.query(raw)
         if self.wait:
             self._held = message
         else:
@@ -316,7 +316,12 @@ class PgSession:
             run = _Run(now, time.monotonic(), sql, info, decision, "deny")
             return self._inject(_deny_text(decision, info), DENIED, run, decision.reason)
         self._statements[name] = (sql, statements)
-        self._decisions.pop(name, None)
+        if any(s.execute_name for s in statements):  # depends on the session's PREPAREs
+            self._decisions.pop(name, None)
+        else:  # the Execute that usually follows reuses this decision (same engine, minute)
+            engine = self.ctx.decider.engine
+            minute = -1 if engine.view(self.ctx.peer).timeless else int(now // 60)
+            self._decisions[name] = (engine, minute, statements, decision)
         self._pending.append((_PARSE, None))
         return None
 
