@@ -55,6 +55,10 @@ _unpack_int32 = struct.Struct("!i").unpack_from
 _OPAQUE_CALL = StatementInfo(verb="CALL", verbs=frozenset({"CALL"}), opaque=True)
 _UNKNOWN_PORTAL = StatementInfo(verb="EXECUTE", verbs=frozenset({"EXECUTE"}), opaque=True)
 _MASK_CACHE_SIZE = 10_000
+_UNSETTLED = (
+    "contains a backslash and was sent before the server answered earlier statements that "
+    "may change how it reads backslashes (standard_conforming_strings, client_encoding)"
+)
 _PG_ENCODINGS = {"UTF8": "utf-8", "SQL_ASCII": "latin-1", "LATIN1": "latin-1", "WIN1252": "cp1252"}
 
 
@@ -423,6 +427,11 @@ class PgSession:
         except UnicodeDecodeError as exc:
             bad = (parse_error(f"statement is not valid {self.encoding}: {exc}"),)
             return raw.decode("latin-1"), bad, ctx.decider.engine.decide_all(ctx.peer, bad, now)
+        if self._pending and b"\\" in raw:
+            # Earlier statements are still unanswered and may change how the server reads
+            # backslashes (standard_conforming_strings, client_encoding): fail closed.
+            unsure = (parse_error(_UNSETTLED),)
+            return sql, unsure, ctx.decider.engine.decide_all(ctx.peer, unsure, now)
         statements, decision = ctx.decider.decide(sql, now, self.state)
         statements, decision = self._resolve(statements, decision, now)
         return sql, statements, decision

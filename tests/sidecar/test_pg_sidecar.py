@@ -473,3 +473,41 @@ def test_pgbench_through_the_sidecar(start_sidecar, db: str, mode: str) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "number of transactions actually processed: 200/200" in proc.stdout
     assert "number of failed transactions: 0" in proc.stdout
+
+
+def _raw_session(host: str, port: int, db: str) -> socket.socket:
+    """A logged-in connection spoken to byte by byte, for what no client library sends."""
+    raw = socket.create_connection((host, port), timeout=5)
+    params = b"user\0postgres\0database\0" + db.encode() + b"\0\0"
+    raw.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+    _read_until_ready(raw, 1)
+    return raw
+
+
+def _read_until_ready(raw: socket.socket, count: int) -> bytes:
+    data = b""
+    while data.count(b"Z\x00\x00\x00\x05") < count:
+        chunk = raw.recv(65536)
+        assert chunk, data
+        data += chunk
+    return data
+
+
+def _query(text: str) -> bytes:
+    body = text.encode() + b"\0"
+    return b"Q" + struct.pack("!i", len(body) + 4) + body
+
+
+def test_pipelined_setting_change_cannot_hide_a_statement(start_sidecar, db: str) -> None:
+    # With standard_conforming_strings off, 'a\' , ' is one literal and DROP TABLE runs; the
+    # sidecar decides the second query before the server has answered the first, so it must
+    # not trust its reading of backslashes.
+    sc = start_sidecar(POLICY)
+    with _raw_session(sc.host, sc.port, db) as raw:
+        raw.sendall(
+            _query("SET standard_conforming_strings = off")
+            + _query("SELECT 'a\\' , '; DROP TABLE keep; --'")
+        )
+        replies = _read_until_ready(raw, 2)
+        assert b"42501" in replies
+    assert keep_rows(db) == 5
