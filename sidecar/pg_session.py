@@ -24,7 +24,6 @@ code for its audit event.
 
 from __future__ import annotations
 
-import codecs
 import itertools
 import struct
 import time
@@ -59,7 +58,36 @@ _UNSETTLED = (
     "contains a backslash and was sent before the server answered earlier statements that "
     "may change how it reads backslashes (standard_conforming_strings, client_encoding)"
 )
-_PG_ENCODINGS = {"UTF8": "utf-8", "SQL_ASCII": "latin-1", "LATIN1": "latin-1", "WIN1252": "cp1252"}
+# PostgreSQL client encodings -> Python codecs. SQL_ASCII passes bytes through unchanged,
+# which latin-1 reproduces one to one. An encoding missing here is not guessed at: its
+# statements are treated as unparseable (see _decide_text).
+_PG_ENCODINGS = {
+    "UTF8": "utf-8",
+    "SQL_ASCII": "latin-1",
+    **{
+        f"LATIN{n}": f"iso8859_{p}"
+        for n, p in zip(range(1, 11), (1, 2, 3, 4, 9, 10, 13, 14, 15, 16), strict=True)
+    },
+    **{f"ISO_8859_{n}": f"iso8859_{n}" for n in (5, 6, 7, 8)},
+    **{
+        f"WIN{n}": f"cp{n}"
+        for n in (866, 874, 1250, 1251, 1252, 1253, 1254, 1255, 1256, 1257, 1258)
+    },
+    "KOI8R": "koi8_r",
+    "KOI8U": "koi8_u",
+    "EUC_JP": "euc_jp",
+    "EUC_CN": "gb2312",
+    "EUC_KR": "euc_kr",
+    "EUC_JIS_2004": "euc_jis_2004",
+    "SJIS": "shift_jis",
+    "SHIFT_JIS_2004": "shift_jis_2004",
+    "BIG5": "big5",
+    "GBK": "gbk",
+    "GB18030": "gb18030",
+    "UHC": "cp949",
+    "JOHAB": "johab",
+}
+_UNKNOWN_ENCODING = "unknown"
 
 
 @dataclass(slots=True)
@@ -424,8 +452,8 @@ class PgSession:
         ctx = self.ctx
         try:
             sql = raw.decode(self.encoding)
-        except UnicodeDecodeError as exc:
-            bad = (parse_error(f"statement is not valid {self.encoding}: {exc}"),)
+        except (UnicodeDecodeError, LookupError) as exc:
+            bad = (parse_error(f"cannot decode the statement as {self.encoding}: {exc}"),)
             return raw.decode("latin-1"), bad, ctx.decider.engine.decide_all(ctx.peer, bad, now)
         if self._pending and b"\\" in raw:
             # Earlier statements are still unanswered and may change how the server reads
@@ -663,7 +691,10 @@ class PgSession:
     # -- helpers ----------------------------------------------------------------------------
 
     def _encode(self, text: str) -> bytes:
-        return text.encode(self.encoding, "replace")
+        try:
+            return text.encode(self.encoding, "replace")
+        except LookupError:  # unknown client encoding: our own texts are ASCII-safe
+            return text.encode("ascii", "replace")
 
     def _prefix_bytes(self, raw: bytes, sql: str, utf8_offset: int) -> bytes:
         """The bytes of `raw` before the statement at `utf8_offset` (a span start)."""
@@ -711,10 +742,6 @@ def _without_channel_binding(buf: bytearray, pos: int, end: int) -> bytes | None
 
 
 def _python_encoding(name: str) -> str:
-    known = _PG_ENCODINGS.get(name.upper())
-    if known:
-        return known
-    try:
-        return codecs.lookup(name.lower()).name
-    except LookupError:
-        return "utf-8"
+    """The Python codec for a PostgreSQL client_encoding, or a name no codec has (every
+    decode then fails, and statements are treated as unparseable: never a guess)."""
+    return _PG_ENCODINGS.get(name.upper().replace("-", "_"), _UNKNOWN_ENCODING)
