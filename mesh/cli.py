@@ -1,4 +1,5 @@
-"""The `sluice` command line: policy check and explain, SQL inspection, the sidecar.
+"""The `sluice` command line: policy check and explain, SQL inspection, the sidecar, the
+control plane (`sluice up`) and the commands that go through its API (mesh/control_cmd.py).
 
 Each subcommand is a small function from parsed arguments to an exit code; output goes to
 stdout (results) and stderr (summaries and errors) so that results can be piped.
@@ -14,7 +15,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
-from mesh import sidecar_cmd
+from mesh import control_cmd, sidecar_cmd, up_cmd
 from policies.attributes import HttpRequest, Peer
 from policies.engine import Engine, merge
 from policies.errors import PolicyError
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sluice", description="Sluice: a Layer-7 policy mesh.")
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
 
-    policy = sub.add_parser("policy", help="validate and explain policies")
+    policy = sub.add_parser("policy", help="validate, explain, apply and version policies")
     psub = policy.add_subparsers(title="policy commands", metavar="SUBCOMMAND")
     policy.set_defaults(run=_help(policy))
 
@@ -65,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--at", metavar="ISO-8601", help="decision time (default: now; naive = UTC)")
     ex.add_argument("--json", action="store_true", help="one JSON object")
     ex.set_defaults(run=_explain)
+    control_cmd.add_policy_parsers(psub)
 
     sql = sub.add_parser("sql", help="SQL inspection")
     ssub = sql.add_subparsers(title="sql commands", metavar="SUBCOMMAND")
@@ -77,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     ins.set_defaults(run=_inspect)
 
     sidecar_cmd.add_parser(sub)
+    up_cmd.add_parser(sub)
+    control_cmd.add_parsers(sub)
     return p
 
 

@@ -1,10 +1,17 @@
-"""`sluice sidecar`: run a sidecar from flags (one route) or a config file (several routes)."""
+"""`sluice sidecar`: run a sidecar from flags (one route) or a config file (several routes).
+
+With `--control URL --token TOKEN --state-dir DIR` the sidecar takes its policies from the
+control plane (`--policies` is then optional, and ignored with a warning when given) and
+ships its audit events there through a spool in DIR. The token may come from the
+SLUICE_TOKEN environment variable instead, to keep it out of process listings.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import socket
 import sys
 
@@ -15,8 +22,10 @@ from sidecar.config import (
     PROTOCOLS,
     RECORD_MODES,
     AuditConfig,
+    ControlConfig,
     Route,
     SidecarConfig,
+    check_control_url,
     load_config,
     parse_hostport,
 )
@@ -29,7 +38,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "sidecar",
         help="run a sidecar in front of a service",
         description="Enforce policies on an app's traffic to one or more services. Give "
-        "either -c FILE, or --app, --service, --listen, --upstream and --policies.",
+        "either -c FILE, or --app, --service, --listen, --upstream and --policies (or "
+        "--control, --token and --state-dir to take policies from the control plane).",
     )
     p.add_argument("-c", "--config", metavar="FILE", help="sidecar config file (YAML)")
     p.add_argument("--app", help="the app this sidecar serves (the source in policies)")
@@ -47,6 +57,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--full-statements", action="store_true", help="audit statements with their literals"
     )
+    p.add_argument("--control", metavar="URL", help="the control plane (sluice up), http://...")
+    p.add_argument("--token", metavar="TOKEN", help="sidecar-role token (default: $SLUICE_TOKEN)")
+    p.add_argument("--state-dir", metavar="DIR", help="last good policy set and the audit spool")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(run=run)
 
@@ -55,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    # One INFO line per control-plane request (heartbeats, long polls) drowns the sidecar's.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         config = _config(args)
     except PolicyError as exc:
@@ -81,11 +96,20 @@ def run(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> SidecarConfig:
     if args.config:
         return load_config(args.config)
-    missing = [
-        f"--{name}"
-        for name in ("app", "service", "listen", "upstream", "policies")
-        if not getattr(args, name)
-    ]
+    required = ["app", "service", "listen", "upstream"]
+    control = None
+    if args.control:
+        token = args.token or os.environ.get("SLUICE_TOKEN", "")
+        if not token:
+            raise ValueError("--control needs --token (or SLUICE_TOKEN in the environment)")
+        if not args.state_dir:
+            raise ValueError("--control needs --state-dir")
+        control = ControlConfig(check_control_url(args.control), token, args.state_dir)
+    else:
+        required.append("policies")
+        if args.token or args.state_dir:
+            raise ValueError("--token and --state-dir go with --control")
+    missing = [f"--{name.replace('_', '-')}" for name in required if not getattr(args, name)]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (or give -c FILE)")
     route = Route(
@@ -98,8 +122,9 @@ def _config(args: argparse.Namespace) -> SidecarConfig:
     return SidecarConfig(
         app=args.app,
         instance=args.instance or f"{args.app}@{socket.gethostname()}",
-        policies=tuple(args.policies),
+        policies=tuple(args.policies or ()),
         routes=(route,),
         audit=AuditConfig(args.audit_log, args.audit, args.full_statements),
         reload_interval=DEFAULT_RELOAD_INTERVAL,
+        control=control,
     )

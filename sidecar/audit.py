@@ -1,8 +1,9 @@
 """Audit events for every decision, and the local JSON-lines sink.
 
 The sidecar turns each decided statement into an `AuditEvent` once the server has answered
-(so it carries duration, rows and the error code) and hands it to a sink. The control-plane
-shipper (a later issue) implements the same `AuditSink` protocol.
+(so it carries duration, rows and the error code) and hands it to a sink. The control
+plane's durable spool (`sidecar/spool.py`) implements the same `AuditSink` protocol;
+`TeeSink` feeds it and a local sink at once.
 """
 
 from __future__ import annotations
@@ -125,3 +126,23 @@ class MemorySink:
 
     def close(self) -> None:
         pass
+
+
+class TeeSink:
+    """Hands every event to several sinks (the spool for the control plane, and a local
+    JSON-lines file when one is configured)."""
+
+    def __init__(self, *sinks: AuditSink) -> None:
+        self.sinks = sinks
+
+    def record(self, event: AuditEvent) -> None:
+        for sink in self.sinks:
+            sink.record(event)
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            sink.flush()
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

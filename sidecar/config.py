@@ -1,4 +1,5 @@
-"""Sidecar configuration: the app it serves, its policies, its routes, its audit sink.
+"""Sidecar configuration: the app it serves, its policies, its routes, its audit sink, and
+optionally the control plane it takes policies from and ships audit events to.
 
 From command-line flags (one route) or a YAML file (`sluice sidecar -c FILE`, several
 routes). Validation errors name file:line:col, like policy errors.
@@ -14,6 +15,7 @@ import yaml
 
 from policies.errors import PolicyError, Problem
 from policies.yamlread import Invalid, Reader, boolean, choice, mapping, number, string, strings
+from sidecar.spool import DEFAULT_MAX_BYTES
 
 PROTOCOLS = ("postgres",)
 TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
@@ -52,13 +54,27 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """The control plane: policies come from it, audit events go to it (docs/api.md)."""
+
+    url: str  # http(s)://host:port of `sluice up`
+    token: str  # a token with the sidecar role
+    state_dir: str  # last good policy set and the audit spool
+    spool_max_bytes: int = DEFAULT_MAX_BYTES
+
+    def __repr__(self) -> str:  # configs get logged; tokens must not be
+        return f"ControlConfig(url={self.url!r}, token='***', state_dir={self.state_dir!r})"
+
+
+@dataclass(frozen=True, slots=True)
 class SidecarConfig:
     app: str
     instance: str
-    policies: tuple[str, ...]
+    policies: tuple[str, ...]  # ignored (with a warning) when `control` is set
     routes: tuple[Route, ...]
     audit: AuditConfig = field(default_factory=AuditConfig)
     reload_interval: float = DEFAULT_RELOAD_INTERVAL
+    control: ControlConfig | None = None
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -70,6 +86,13 @@ def parse_hostport(text: str) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is out of range")
     return (m.group(1) or m.group(2), port)
+
+
+def check_control_url(url: str) -> str:
+    """The control plane's base URL without a trailing slash; raises ValueError."""
+    if not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+        raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+    return url.rstrip("/")
 
 
 def load_config(path: str | Path) -> SidecarConfig:
@@ -97,15 +120,20 @@ def _config(node: yaml.Node, base: Path) -> SidecarConfig:
     top = mapping(
         node,
         "sidecar config",
-        frozenset({"app", "instance", "policies", "routes", "audit", "reload_interval"}),
-        frozenset({"app", "policies", "routes"}),
+        frozenset({"app", "instance", "policies", "routes", "audit", "reload_interval", "control"}),
+        frozenset({"app", "routes"}),
     )
     app = string(top["app"][1], "app")
     instance = string(top["instance"][1], "instance") if "instance" in top else app
-    policies = tuple(
-        str(base / p) if not Path(p).is_absolute() else p
-        for _, p in strings(top["policies"][1], "policies")
-    )
+    control = _control(top["control"][1], base) if "control" in top else None
+    if "policies" not in top and control is None:
+        raise Invalid(node, "sidecar config: missing required key 'policies' (or 'control')")
+    policies: tuple[str, ...] = ()
+    if "policies" in top:
+        policies = tuple(
+            str(base / p) if not Path(p).is_absolute() else p
+            for _, p in strings(top["policies"][1], "policies")
+        )
     routes_node = top["routes"][1]
     if not isinstance(routes_node, yaml.SequenceNode) or not routes_node.value:
         raise Invalid(routes_node, "routes: expected a non-empty list of routes")
@@ -114,7 +142,35 @@ def _config(node: yaml.Node, base: Path) -> SidecarConfig:
     interval = DEFAULT_RELOAD_INTERVAL
     if "reload_interval" in top:
         interval = number(top["reload_interval"][1], "reload_interval")
-    return SidecarConfig(app, instance, policies, routes, audit, interval)
+    return SidecarConfig(app, instance, policies, routes, audit, interval, control)
+
+
+def _control(node: yaml.Node, base: Path) -> ControlConfig:
+    m = mapping(
+        node,
+        "control",
+        frozenset({"url", "token", "state_dir", "spool_max_bytes"}),
+        frozenset({"url", "token", "state_dir"}),
+    )
+    try:
+        url = check_control_url(string(m["url"][1], "control.url"))
+    except ValueError as exc:
+        raise Invalid(m["url"][1], f"control.url: {exc}") from None
+    token = string(m["token"][1], "control.token")
+    if not token.strip():
+        raise Invalid(m["token"][1], "control.token: expected a token, got an empty string")
+    raw = string(m["state_dir"][1], "control.state_dir")
+    state_dir = raw if Path(raw).is_absolute() else str(base / raw)
+    max_bytes = DEFAULT_MAX_BYTES
+    if "spool_max_bytes" in m:
+        value = number(m["spool_max_bytes"][1], "control.spool_max_bytes")
+        if value < 4096 or value != int(value):
+            raise Invalid(
+                m["spool_max_bytes"][1],
+                "control.spool_max_bytes: expected a whole number of bytes, at least 4096",
+            )
+        max_bytes = int(value)
+    return ControlConfig(url, token, state_dir, max_bytes)
 
 
 def _route(node: yaml.Node, index: int) -> Route:

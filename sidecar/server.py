@@ -9,6 +9,11 @@ SSLRequest first, then the handshake, with libpq's sslmode names), telling the a
 upstream is down (a FATAL 08006 naming the upstream), flow control in both directions,
 routing CancelRequests to the server that owns the key, reloading policies, and flushing the
 audit sink.
+
+With a control plane configured (`config.control`), policies come from it instead of files
+(`sidecar/control.py`: last good set from the state dir first, then a blocking-query watch),
+and audit events go to the durable spool in the state dir, from which they are shipped; a
+local audit log (`--audit-log`, or a sink given by the caller) is still written beside it.
 """
 
 from __future__ import annotations
@@ -27,13 +32,16 @@ from typing import cast
 
 from policies.attributes import Peer
 from policies.decider import SqlDecider
+from policies.engine import Engine
 from policies.sql.inspect import POSTGRES
-from sidecar.audit import AuditSink, JsonlSink, MemorySink
+from sidecar.audit import AuditSink, JsonlSink, MemorySink, TeeSink
 from sidecar.config import Route, SidecarConfig, UpstreamTls
+from sidecar.control import ControlClient, RouteInfo
 from sidecar.limits import Limiter
 from sidecar.pg_session import PgSession, RouteContext
 from sidecar.policy_watch import PolicyWatcher
 from sidecar.protocols import postgres as pg
+from sidecar.spool import Spool
 
 log = logging.getLogger("sluice.sidecar")
 
@@ -65,11 +73,37 @@ class Sidecar:
 
     def __init__(self, config: SidecarConfig, sink: AuditSink | None = None) -> None:
         self.config = config
-        self.watcher = PolicyWatcher(config.policies)
         self.limiter = Limiter()
-        if sink is None:
-            sink = JsonlSink(config.audit.path) if config.audit.path else MemorySink()
-        self.sink = sink
+        if sink is None and config.audit.path:
+            sink = JsonlSink(config.audit.path)
+        self.watcher: PolicyWatcher | None = None
+        self.control: ControlClient | None = None
+        self.spool: Spool | None = None
+        engine: Engine
+        if config.control is None:
+            self.watcher = PolicyWatcher(config.policies)
+            engine = self.watcher.engine
+            self.sink: AuditSink = sink if sink is not None else MemorySink()
+        else:
+            if config.policies:
+                log.warning(
+                    "policy files %s ignored: policies come from the control plane %s",
+                    ", ".join(config.policies),
+                    config.control.url,
+                )
+            self.spool = Spool(
+                os.path.join(config.control.state_dir, "spool"), config.control.spool_max_bytes
+            )
+            self.sink = self.spool if sink is None else TeeSink(self.spool, sink)
+            self.control = ControlClient(
+                config.control,
+                app=config.app,
+                instance=config.instance,
+                spool=self.spool,
+                routes=self.route_info,
+                on_policies=self._use_policies,
+            )
+            engine = self.control.engine
         self.routes: list[_RouteRuntime] = []
         self.cancel_keys: dict[bytes, Route] = {}
         self._ids = itertools.count(1)
@@ -77,7 +111,7 @@ class Sidecar:
         self._stopped = asyncio.Event()
         for route in config.routes:
             peer = Peer(config.app, route.service, config.instance)
-            decider = SqlDecider(self.watcher.engine, peer, POSTGRES)
+            decider = SqlDecider(engine, peer, POSTGRES)
             ctx = RouteContext(
                 app=config.app,
                 instance=config.instance,
@@ -87,12 +121,37 @@ class Sidecar:
                 sink=self.sink,
                 record_all=config.audit.record == "all",
                 full_statements=config.audit.full_statements,
-                policy_version=lambda: self.watcher.version,
+                policy_version=self.policy_version,
             )
             self.routes.append(_RouteRuntime(route, ctx))
 
+    def policy_version(self) -> int:
+        """The version of the policy set in force: the control plane's, or the local
+        reload counter."""
+        if self.control is not None:
+            return self.control.version
+        assert self.watcher is not None
+        return self.watcher.version
+
+    def _use_policies(self, engine: Engine, version: int) -> None:
+        for rt in self.routes:
+            rt.ctx.decider.use(engine)
+
+    def route_info(self) -> list[RouteInfo]:
+        out = []
+        for rt, (host, port) in zip(self.routes, self.addresses(all_routes=True), strict=True):
+            up_host, up_port = rt.route.upstream
+            out.append(
+                RouteInfo(
+                    rt.route.service, rt.route.protocol, _hp(host, port), _hp(up_host, up_port)
+                )
+            )
+        return out
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.control is not None:
+            await self.control.start()  # the last good set, or a bounded wait for the first
         for rt in self.routes:
             host, port = rt.route.listen
             rt.server = server = await loop.create_server(
@@ -107,18 +166,25 @@ class Sidecar:
                 *rt.route.upstream,
                 rt.route.protocol,
             )
-        self._tasks.append(asyncio.create_task(self._reload_loop()))
+        if self.watcher is not None:
+            self._tasks.append(asyncio.create_task(self._reload_loop()))
         self._tasks.append(asyncio.create_task(self._flush_loop()))
+        if self.control is not None:
+            self.control.start_reporting()
 
     def _factory(self, rt: _RouteRuntime) -> Callable[[], ClientSide]:
         return lambda: ClientSide(self, rt)
 
-    def addresses(self) -> list[tuple[str, int]]:
+    def addresses(self, all_routes: bool = False) -> list[tuple[str, int]]:
+        """Where the routes listen; with `all_routes`, one per route (configured address
+        for a route not listening yet)."""
         out = []
         for rt in self.routes:
             if rt.server is not None:
                 name = rt.server.sockets[0].getsockname()
                 out.append((name[0], name[1]))
+            elif all_routes:
+                out.append(rt.route.listen)
         return out
 
     async def stop(self) -> None:
@@ -133,10 +199,13 @@ class Sidecar:
             if rt.server is not None:
                 with contextlib.suppress(Exception):
                     await rt.server.wait_closed()
+        if self.control is not None:
+            await self.control.stop()  # ships what it can within a bounded time
         self.sink.close()
         self._stopped.set()
 
     async def _reload_loop(self) -> None:
+        assert self.watcher is not None
         while True:
             await asyncio.sleep(self.config.reload_interval)
             engine = self.watcher.poll()
@@ -412,6 +481,10 @@ async def _open_upstream(route: Route) -> tuple[asyncio.StreamReader, asyncio.St
         writer.close()
         raise
     return reader, writer
+
+
+def _hp(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _describe(exc: BaseException, timeout: float) -> str:

@@ -26,6 +26,8 @@ RULES = {
     "sidecar/protocols": IO_MODULES | {"mesh", "meshdns"},
     "sidecar": {"mesh", "meshdns"},
     "meshdns": {"sidecar", "mesh"},
+    # The control plane's stores are synchronous and pure: the API calls them from threads.
+    "mesh/store": IO_MODULES | {"sidecar", "meshdns", "fastapi", "starlette", "uvicorn", "anyio"},
 }
 
 
