@@ -29,11 +29,9 @@ bench: $(STAMP)
 bench-deps:
 	apt-get update && apt-get install -y haproxy pgbouncer
 
-# The main job on the embedded default: validate and explain the example policies.
+# The main job on the embedded default: the whole control plane in one process (Ctrl-C stops).
 up: $(STAMP)
-	$(BIN)/sluice policy check examples/policies
-	$(BIN)/sluice policy explain examples/policies --from billing --to orders-db \
-		--sql "DELETE FROM orders WHERE id = 1" --at 2026-03-29T01:30:00+00:00
+	$(BIN)/sluice up --policies examples/policies --data-dir sluice-data
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
