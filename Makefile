@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+	@# dig (Debian dnsutils) for the meshdns tests; they skip with a message without it.
+	command -v dig >/dev/null || (test "$$(id -u)" = 0 && apt-get update -q >/dev/null && apt-get install -y -q dnsutils) || true
 
 check: $(STAMP)
 	$(BIN)/ruff check .

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
-from mesh import control_cmd, sidecar_cmd, up_cmd
+from mesh import control_cmd, dns_cmd, sidecar_cmd, up_cmd
 from policies.attributes import HttpRequest, Peer
 from policies.engine import Engine, merge
 from policies.errors import PolicyError
@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     ins.set_defaults(run=_inspect)
 
     sidecar_cmd.add_parser(sub)
+    dns_cmd.add_parser(sub)
     up_cmd.add_parser(sub)
     control_cmd.add_parsers(sub)
     return p
