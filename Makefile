@@ -21,7 +21,7 @@ check: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: $(STAMP)
+test: install
 	$(BIN)/pytest
 
 bench: $(STAMP)
