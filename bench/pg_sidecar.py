@@ -299,15 +299,15 @@ def _latencies(logdir: Path) -> list[float]:
 
 
 def measure(
-    targets: list[Target], seconds: float, repeat: int, tmp: Path
+    targets: list[Target], seconds: float, repeat: int, tmp: Path, modes: tuple[str, ...]
 ) -> dict[str, dict[str, list[Run]]]:
     """mode -> target name -> runs; the order of targets rotates from one run to the next."""
-    runs: dict[str, dict[str, list[Run]]] = {m: {t.name: [] for t in targets} for m in MODES}
+    runs: dict[str, dict[str, list[Run]]] = {m: {t.name: [] for t in targets} for m in modes}
     for target in targets:  # warm up: connections, caches, the sidecar's decisions
         pgbench(target, "simple", 2, None)
     turn = 0
     for r in range(repeat):
-        for mode in MODES:
+        for mode in modes:
             order = targets[turn % len(targets) :] + targets[: turn % len(targets)]
             turn += 1
             for target in order:
@@ -358,7 +358,7 @@ def report(mode: str, results: dict[str, Run]) -> None:
 def verdicts(medians: dict[str, dict[str, Run]]) -> bool:
     print("\nTargets (sidecar; audit non-allow):")
     ok = True
-    for mode in MODES:
+    for mode in medians:
         results = medians[mode]
         side, ceiling, direct = results.get("sidecar"), results.get("relay"), results["direct"]
         if side is None or ceiling is None or not ceiling.tps:
@@ -383,7 +383,13 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10, help="seconds per pgbench run")
     parser.add_argument("--repeat", type=int, default=1, help="rounds; medians are reported")
     parser.add_argument("--no-audit-all", action="store_true", help="skip the audit=all row")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help="pgbench -M modes, comma-separated (default: all)"
+    )
     args = parser.parse_args()
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or set(modes) - set(MODES):
+        parser.error(f"--modes: choose from {', '.join(MODES)}")
     for tool in ("pgbench", "psql"):
         if shutil.which(tool) is None:
             print(f"{tool} not found (postgresql-client); skipped")
@@ -413,15 +419,15 @@ def main() -> int:
                 if target.name.startswith("sidecar"):
                     check_policy_active(target)
             flush()
-            runs = measure(targets, args.duration, args.repeat, tmp)
+            runs = measure(targets, args.duration, args.repeat, tmp, modes)
         finally:
             for target in targets:
                 stop(target)
             drop_db()
     load = os.getloadavg()
     print(f"load average after the runs {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    medians = {m: {n: median(rs) for n, rs in runs[m].items()} for m in MODES}
-    for mode in MODES:
+    medians = {m: {n: median(rs) for n, rs in runs[m].items()} for m in modes}
+    for mode in modes:
         report(mode, medians[mode])
     return 0 if verdicts(medians) else 1
 

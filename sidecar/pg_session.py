@@ -54,6 +54,7 @@ _unpack_int32 = struct.Struct("!i").unpack_from
 _OPAQUE_CALL = StatementInfo(verb="CALL", verbs=frozenset({"CALL"}), opaque=True)
 _UNKNOWN_PORTAL = StatementInfo(verb="EXECUTE", verbs=frozenset({"EXECUTE"}), opaque=True)
 _MASK_CACHE_SIZE = 10_000
+_PARSE_MEMO_SIZE = 256
 _UNSETTLED = (
     "contains a backslash and was sent before the server answered earlier statements that "
     "may change how it reads backslashes (standard_conforming_strings, client_encoding)"
@@ -149,6 +150,9 @@ class PgSession:
         self._pending: deque[tuple[int, _Run | None]] = deque()
         self._discarding = False  # after a denied Parse/Execute: drop until Sync
         self._statements: dict[bytes, tuple[str, tuple[StatementInfo, ...]]] = {}
+        # Per Parse text: (engine, minute or -1, sql, statements, decision), reset when the
+        # session's reading of text changes (standard_conforming_strings, client_encoding).
+        self._parsed: dict[bytes, tuple[object, int, str, tuple[StatementInfo, ...], Decision]] = {}
         # Per prepared statement: (engine, minute or -1, statements, decision) last decided.
         self._decisions: dict[bytes, tuple[object, int, tuple[StatementInfo, ...], Decision]] = {}
         self._portals: dict[bytes, bytes] = {}
@@ -340,7 +344,20 @@ class PgSession:
     def _parse(self, buf: bytearray, pos: int, end: int) -> bytes | None:
         name, raw = pg.parse_fields(buf, pos + 5, end)
         now = self.ctx.clock()
-        sql, statements, decision = self._decide_text(raw, now)
+        engine = self.ctx.decider.engine
+        minute = int(now // 60)
+        memo = self._parsed.get(raw)
+        if memo is not None and memo[0] is engine and (memo[1] < 0 or memo[1] == minute):
+            # Apps re-Parse the same text (unnamed statements): skip decoding and the cache.
+            _, _, sql, statements, decision = memo
+        else:
+            sql, statements, decision = self._decide_text(raw, now)
+            unsettled = bool(self._pending) and b"\\" in raw
+            if not unsettled and not any(s.execute_name for s in statements):
+                if len(self._parsed) >= _PARSE_MEMO_SIZE:
+                    self._parsed.clear()
+                timeless = engine.view(self.ctx.peer).timeless
+                self._parsed[raw] = (engine, -1 if timeless else minute, sql, statements, decision)
         if decision.applied is Action.DENY:
             self._statements.pop(name, None)
             self._decisions.pop(name, None)
@@ -348,12 +365,11 @@ class PgSession:
             run = _Run(now, time.monotonic(), sql, info, decision, "deny")
             return self._inject(_deny_text(decision, info), DENIED, run, decision.reason)
         self._statements[name] = (sql, statements)
-        if any(s.execute_name for s in statements):  # depends on the session's PREPAREs
+        memo = self._parsed.get(raw)
+        if memo is None:  # depends on the session's PREPAREs, or text not settled
             self._decisions.pop(name, None)
         else:  # the Execute that usually follows reuses this decision (same engine, minute)
-            engine = self.ctx.decider.engine
-            minute = -1 if engine.view(self.ctx.peer).timeless else int(now // 60)
-            self._decisions[name] = (engine, minute, statements, decision)
+            self._decisions[name] = (engine, memo[1], statements, decision)
         self._pending.append((_PARSE, None))
         return None
 
@@ -596,8 +612,10 @@ class PgSession:
         self.params[key] = val
         if key == "standard_conforming_strings":
             self.state = SessionState(standard_conforming_strings=val == "on")
+            self._parsed.clear()
         elif key == "client_encoding":
             self.encoding = _python_encoding(val)
+            self._parsed.clear()
 
     # -- audit ------------------------------------------------------------------------------
 
