@@ -15,6 +15,7 @@ BENCHES = (
     "pg_corpus_accuracy.py",
     "mysql_corpus_accuracy.py",
     "pg_sidecar.py",
+    "control_plane.py",
 )
 
 

@@ -14,11 +14,13 @@ import logging
 import os
 import socket
 import sys
+from dataclasses import replace
 
 from policies.errors import PolicyError
 from sidecar.config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_RELOAD_INTERVAL,
+    DEFAULT_TRACE_SAMPLE,
     PROTOCOLS,
     RECORD_MODES,
     AuditConfig,
@@ -26,6 +28,7 @@ from sidecar.config import (
     Route,
     SidecarConfig,
     check_control_url,
+    check_sample,
     load_config,
     parse_hostport,
 )
@@ -60,6 +63,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--control", metavar="URL", help="the control plane (sluice up), http://...")
     p.add_argument("--token", metavar="TOKEN", help="sidecar-role token (default: $SLUICE_TOKEN)")
     p.add_argument("--state-dir", metavar="DIR", help="last good policy set and the audit spool")
+    p.add_argument(
+        "--trace-sample",
+        type=float,
+        metavar="RATIO",
+        help=f"share of recorded statements traced as spans (default {DEFAULT_TRACE_SAMPLE})",
+    )
+    p.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export spans and metrics over OTLP/HTTP (default: $OTEL_EXPORTER_OTLP_ENDPOINT)",
+    )
+    p.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at GET /metrics"
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(run=run)
 
@@ -94,6 +111,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> SidecarConfig:
+    config = _base_config(args)
+    t = config.telemetry
+    # Flags win over the config file's `telemetry:` section.
+    try:
+        if args.trace_sample is not None:
+            t = replace(t, trace_sample=check_sample(args.trace_sample))
+        if args.otlp_endpoint:
+            t = replace(t, otlp_endpoint=check_control_url(args.otlp_endpoint))
+        if args.metrics_listen:
+            t = replace(t, metrics_listen=parse_hostport(args.metrics_listen))
+    except ValueError as exc:
+        raise ValueError(f"telemetry flags: {exc}") from None
+    return replace(config, telemetry=t)
+
+
+def _base_config(args: argparse.Namespace) -> SidecarConfig:
     if args.config:
         return load_config(args.config)
     required = ["app", "service", "listen", "upstream"]

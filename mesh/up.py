@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from mesh.api import Settings, create_app, shutdown
 from mesh.api.params import parse_duration
@@ -81,6 +82,7 @@ def _serve(
         version=_version(),
     )
     app = create_app(stores, settings)
+    dns = _dns(args, app)
     current = stores.policies.current()
     rules = next((v.rules for v in stores.policies.versions() if v.version == current.version), 0)
     print(
@@ -89,6 +91,7 @@ def _serve(
         f"  policy version:  {current.version} ({len(current.files)} files, {rules} rules)\n"
         f"  admin token:     {token_line}\n"
         f"  audit retention: {args.audit_retention}\n"
+        f"  catalog:         Consul API on {url}/v1/ (CONSUL_HTTP_ADDR={url}); DNS {dns}\n"
         "Ctrl-C stops.",
         flush=True,
     )
@@ -107,6 +110,24 @@ def _serve(
     server.run(sockets=[sock])
     print("sluice up: stopped", flush=True)
     return EXIT_OK
+
+
+def _dns(args: argparse.Namespace, app: FastAPI) -> str:
+    """Attach meshdns to the app unless --no-dns; what to print about it."""
+    if getattr(args, "no_dns", False):
+        return "off (--no-dns)"
+    try:
+        host, port = parse_listen(args.dns_listen)
+    except ValueError as exc:
+        return f"off: {str(exc).replace('--listen', '--dns-listen')}"
+    from mesh.catalog.dns import attach
+
+    def ready(where: str) -> None:
+        shown = where if where.startswith("not") else f"on {where} (udp, tcp)"
+        print(f"sluice up: DNS {shown}", flush=True)
+
+    attach(app, host, port, ready)
+    return f"{args.dns_listen} (see below)"
 
 
 def admin_token(stores: Stores, data_dir: Path) -> str:

@@ -10,6 +10,7 @@ import argparse
 
 DEFAULT_LISTEN = "127.0.0.1:8500"
 DEFAULT_DATA_DIR = "./sluice-data"
+DEFAULT_DNS_LISTEN = "127.0.0.1:8600"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -39,6 +40,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="DURATION",
         help="delete audit events older than this, hourly (default 30d)",
     )
+    p.add_argument(
+        "--dns-listen",
+        default=DEFAULT_DNS_LISTEN,
+        metavar="HOST:PORT",
+        help=f"meshdns over the embedded catalog, UDP and TCP (default {DEFAULT_DNS_LISTEN})",
+    )
+    p.add_argument("--no-dns", action="store_true", help="do not run meshdns")
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     # For tests: short heartbeat and retention intervals.
     p.add_argument("--heartbeat-interval", type=float, default=10.0, help=argparse.SUPPRESS)

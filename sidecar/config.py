@@ -17,13 +17,15 @@ from policies.errors import PolicyError, Problem
 from policies.yamlread import Invalid, Reader, boolean, choice, mapping, number, string, strings
 from sidecar.spool import DEFAULT_MAX_BYTES
 
-PROTOCOLS = ("postgres",)
+PROTOCOLS = ("postgres", "mysql")
 TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
 RECORD_MODES = ("all", "non-allow")
 # How long to wait for the upstream's TCP handshake before telling the app it is down.
 DEFAULT_CONNECT_TIMEOUT = 5.0
 # How often policy files are checked for changes (mtime and size; cheap stat calls).
 DEFAULT_RELOAD_INTERVAL = 0.5
+# One statement in a hundred traced: spans cost an export each; metrics count them all.
+DEFAULT_TRACE_SAMPLE = 0.01
 _HOSTPORT = re.compile(r"^\s*(?:\[([0-9a-fA-F:.]+)\]|([^:\s\[\]]+)):(\d{1,5})\s*$")
 
 
@@ -67,6 +69,15 @@ class ControlConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    """Spans, metrics and their export (sidecar/telemetry.py)."""
+
+    trace_sample: float = DEFAULT_TRACE_SAMPLE  # share of recorded statements traced
+    otlp_endpoint: str | None = None  # OTLP/HTTP base URL; else $OTEL_EXPORTER_OTLP_ENDPOINT
+    metrics_listen: tuple[str, int] | None = None  # where GET /metrics is served
+
+
+@dataclass(frozen=True, slots=True)
 class SidecarConfig:
     app: str
     instance: str
@@ -75,6 +86,7 @@ class SidecarConfig:
     audit: AuditConfig = field(default_factory=AuditConfig)
     reload_interval: float = DEFAULT_RELOAD_INTERVAL
     control: ControlConfig | None = None
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -120,7 +132,18 @@ def _config(node: yaml.Node, base: Path) -> SidecarConfig:
     top = mapping(
         node,
         "sidecar config",
-        frozenset({"app", "instance", "policies", "routes", "audit", "reload_interval", "control"}),
+        frozenset(
+            {
+                "app",
+                "instance",
+                "policies",
+                "routes",
+                "audit",
+                "reload_interval",
+                "control",
+                "telemetry",
+            }
+        ),
         frozenset({"app", "routes"}),
     )
     app = string(top["app"][1], "app")
@@ -142,7 +165,35 @@ def _config(node: yaml.Node, base: Path) -> SidecarConfig:
     interval = DEFAULT_RELOAD_INTERVAL
     if "reload_interval" in top:
         interval = number(top["reload_interval"][1], "reload_interval")
-    return SidecarConfig(app, instance, policies, routes, audit, interval, control)
+    telemetry = _telemetry(top["telemetry"][1]) if "telemetry" in top else TelemetryConfig()
+    return SidecarConfig(app, instance, policies, routes, audit, interval, control, telemetry)
+
+
+def check_sample(value: float) -> float:
+    """A trace sampling ratio in [0, 1]; raises ValueError."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"expected a ratio from 0 to 1, got {value:g}")
+    return value
+
+
+def _telemetry(node: yaml.Node) -> TelemetryConfig:
+    m = mapping(node, "telemetry", frozenset({"trace_sample", "otlp_endpoint", "metrics_listen"}))
+    sample = DEFAULT_TRACE_SAMPLE
+    if "trace_sample" in m:
+        try:
+            sample = check_sample(number(m["trace_sample"][1], "telemetry.trace_sample"))
+        except ValueError as exc:
+            raise Invalid(m["trace_sample"][1], f"telemetry.trace_sample: {exc}") from None
+    endpoint = None
+    if "otlp_endpoint" in m:
+        try:
+            endpoint = check_control_url(string(m["otlp_endpoint"][1], "telemetry.otlp_endpoint"))
+        except ValueError as exc:
+            raise Invalid(m["otlp_endpoint"][1], f"telemetry.otlp_endpoint: {exc}") from None
+    listen = None
+    if "metrics_listen" in m:
+        listen = _hostport(m["metrics_listen"][1], "telemetry.metrics_listen")
+    return TelemetryConfig(sample, endpoint, listen)
 
 
 def _control(node: yaml.Node, base: Path) -> ControlConfig:
@@ -202,6 +253,8 @@ def _route(node: yaml.Node, index: int) -> Route:
             if "server_name" in t
             else None,
         )
+    if protocol == "mysql" and tls.mode != "disable":
+        raise Invalid(m["tls"][1], f"{what}.tls: TLS to a MySQL upstream is not supported yet")
     return Route(service, protocol, listen, upstream, timeout, tls)
 
 

@@ -33,15 +33,18 @@ from typing import cast
 from policies.attributes import Peer
 from policies.decider import SqlDecider
 from policies.engine import Engine
-from policies.sql.inspect import POSTGRES
+from policies.sql.inspect import MYSQL, POSTGRES
 from sidecar.audit import AuditSink, JsonlSink, MemorySink, TeeSink
 from sidecar.config import Route, SidecarConfig, UpstreamTls
 from sidecar.control import ControlClient, RouteInfo
 from sidecar.limits import Limiter
+from sidecar.mysql_session import MySqlSession
 from sidecar.pg_session import PgSession, RouteContext
 from sidecar.policy_watch import PolicyWatcher
+from sidecar.protocols import mysql as my
 from sidecar.protocols import postgres as pg
 from sidecar.spool import Spool
+from sidecar.telemetry import Telemetry, wanted
 
 log = logging.getLogger("sluice.sidecar")
 
@@ -71,7 +74,12 @@ class _RouteRuntime:
 class Sidecar:
     """All routes of one sidecar process, sharing one policy set, one limiter and one sink."""
 
-    def __init__(self, config: SidecarConfig, sink: AuditSink | None = None) -> None:
+    def __init__(
+        self,
+        config: SidecarConfig,
+        sink: AuditSink | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.config = config
         self.limiter = Limiter()
         if sink is None and config.audit.path:
@@ -104,6 +112,12 @@ class Sidecar:
                 on_policies=self._use_policies,
             )
             engine = self.control.engine
+        # Spans and metrics come from the audit events (sidecar/telemetry.py).
+        if telemetry is None and wanted(config):
+            telemetry = Telemetry(config)
+        self.telemetry = telemetry
+        if telemetry is not None:
+            self.sink = TeeSink(self.sink, telemetry.sink)
         self.routes: list[_RouteRuntime] = []
         self.cancel_keys: dict[bytes, Route] = {}
         self._ids = itertools.count(1)
@@ -111,7 +125,7 @@ class Sidecar:
         self._stopped = asyncio.Event()
         for route in config.routes:
             peer = Peer(config.app, route.service, config.instance)
-            decider = SqlDecider(engine, peer, POSTGRES)
+            decider = SqlDecider(engine, peer, MYSQL if route.protocol == "mysql" else POSTGRES)
             ctx = RouteContext(
                 app=config.app,
                 instance=config.instance,
@@ -169,6 +183,8 @@ class Sidecar:
         if self.watcher is not None:
             self._tasks.append(asyncio.create_task(self._reload_loop()))
         self._tasks.append(asyncio.create_task(self._flush_loop()))
+        if self.telemetry is not None:
+            await self.telemetry.start()
         if self.control is not None:
             self.control.start_reporting()
 
@@ -202,6 +218,8 @@ class Sidecar:
         if self.control is not None:
             await self.control.stop()  # ships what it can within a bounded time
         self.sink.close()
+        if self.telemetry is not None:
+            await self.telemetry.stop()
         self._stopped.set()
 
     async def _reload_loop(self) -> None:
@@ -245,7 +263,12 @@ class ClientSide(asyncio.Protocol):
         self.rt = rt
         self.transport: asyncio.Transport | None = None
         self.upstream: ServerSide | None = None
-        self.session = PgSession(rt.ctx, f"{rt.ctx.instance}-{next(sidecar._ids)}")
+        session_id = f"{rt.ctx.instance}-{next(sidecar._ids)}"
+        self.session: PgSession | MySqlSession = (
+            MySqlSession(rt.ctx, session_id)
+            if rt.route.protocol == "mysql"
+            else PgSession(rt.ctx, session_id)
+        )
         self._connecting = False
         self._closed = False
         self._paused_by_delay = False
@@ -256,6 +279,8 @@ class ClientSide(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.rt.sessions.add(self)
+        if self.session.startup_sent:  # MySQL: the server speaks first, connect now
+            self.pump()
 
     def data_received(self, data: bytes) -> None:
         self.session.client_data(data)
@@ -346,9 +371,14 @@ class ClientSide(asyncio.Protocol):
 
     def _fail_upstream(self, text: str) -> None:
         if self.transport is not None and not self._closed:
-            self.transport.write(
-                pg.error_response(CONNECTION_FAILURE, f"sluice: {text}", severity="FATAL")
-            )
+            if self.rt.route.protocol == "mysql":
+                self.transport.write(
+                    my.err_packet(0, my.CR_CONN_HOST_ERROR, "HY000", f"sluice: {text}")
+                )
+            else:
+                self.transport.write(
+                    pg.error_response(CONNECTION_FAILURE, f"sluice: {text}", severity="FATAL")
+                )
         self.close()
 
     def server_lost(self) -> None:

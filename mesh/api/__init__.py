@@ -15,8 +15,16 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from mesh.api import errors, routes_admin, routes_audit, routes_policies
+from mesh.api import (
+    errors,
+    routes_admin,
+    routes_audit,
+    routes_consul,
+    routes_metrics,
+    routes_policies,
+)
 from mesh.api.hub import PolicyWatch
+from mesh.api.metrics import MetricsMiddleware
 from mesh.api.state import ApiState, Settings, in_thread
 from mesh.store import Stores
 
@@ -58,6 +66,9 @@ def create_app(stores: Stores, settings: Settings) -> FastAPI:
     app.include_router(routes_admin.router)
     app.include_router(routes_policies.router)
     app.include_router(routes_audit.router)
+    app.include_router(routes_metrics.router)  # GET /metrics, no token (docs/api.md)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    routes_consul.install(app, stores)  # Consul's API over the embedded catalog
     return app
 
 

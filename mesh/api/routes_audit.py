@@ -37,6 +37,7 @@ async def ingest(request: Request, body: IngestBody, _t: Sidecar) -> Any:
     except ValueError as exc:
         raise ApiError(422, f"{exc}; nothing stored", "invalid events") from None
     state.broker.publish(fresh)
+    state.metrics.audit_batch(len(fresh), duplicates)
     return {"accepted": len(fresh), "duplicates": duplicates}
 
 

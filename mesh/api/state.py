@@ -15,6 +15,7 @@ import anyio.to_thread
 from starlette.requests import Request
 
 from mesh.api.hub import AuditBroker, PolicyWatch
+from mesh.api.metrics import ApiMetrics
 from mesh.store import Stores
 
 T = TypeVar("T")
@@ -36,6 +37,7 @@ class ApiState:
     started: float
     watch: PolicyWatch
     broker: AuditBroker = field(default_factory=AuditBroker)
+    metrics: ApiMetrics = field(default_factory=ApiMetrics)
 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:

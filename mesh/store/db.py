@@ -100,6 +100,18 @@ MIGRATIONS: tuple[str, ...] = (
             SELECT 'rule', value, NEW.seq FROM json_each(NEW.rules);
     END;
     """,
+    # 2: the embedded service catalog (mesh/catalog): registrations, KV, its Raft-like index.
+    """
+    CREATE TABLE catalog_services (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+    CREATE TABLE catalog_kv (
+        key TEXT PRIMARY KEY,
+        value BLOB NOT NULL,
+        flags INTEGER NOT NULL,
+        create_index INTEGER NOT NULL,
+        modify_index INTEGER NOT NULL
+    );
+    CREATE TABLE catalog_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    """,
 )
 
 

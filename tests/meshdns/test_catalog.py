@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from meshdns.catalog import CatalogError, Instance, StaticCatalog, parse_catalog
 from meshdns.consul_catalog import ConsulCatalog, health_of, instances_from_health
+from tests.consul_agent import Agent, agent, agent_env  # noqa: F401 - fixtures
 
 
 def test_file_catalog(catalog: StaticCatalog) -> None:
@@ -99,11 +99,9 @@ def test_consul_health_entries_become_instances() -> None:
     assert health_of([]) == "passing"
 
 
-@pytest.mark.skipif(
-    not os.environ.get("CONSUL_HTTP_ADDR"),
-    reason="needs a Consul agent at CONSUL_HTTP_ADDR (real Consul, or the embedded catalog once it exists)",
-)
-def test_against_a_live_consul_agent() -> None:
+def test_against_a_live_consul_agent(agent_env: Agent) -> None:  # noqa: F811
+    """The agent at CONSUL_HTTP_ADDR if set, else `sluice up`'s embedded catalog
+    (tests/consul_agent.py sets CONSUL_HTTP_ADDR and CONSUL_HTTP_TOKEN for it)."""
     import consul
 
     client = consul.Consul()

@@ -21,6 +21,7 @@ import uvloop
 from sidecar.audit import AuditEvent, MemorySink
 from sidecar.config import AuditConfig, Route, SidecarConfig, UpstreamTls
 from sidecar.server import Sidecar
+from sidecar.telemetry import Telemetry
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 
@@ -56,8 +57,11 @@ def scratch_db() -> Iterator[str]:
 class RunningSidecar:
     """A `Sidecar` serving on 127.0.0.1:<ephemeral> from a thread; `stop()` ends it."""
 
-    def __init__(self, config: SidecarConfig, policy_file: Path) -> None:
+    def __init__(
+        self, config: SidecarConfig, policy_file: Path, telemetry: Telemetry | None = None
+    ) -> None:
         self.sink = MemorySink()
+        self.telemetry = telemetry
         self.policy_file = policy_file
         self.loop = uvloop.new_event_loop()
         self.sidecar: Sidecar | None = None
@@ -73,7 +77,7 @@ class RunningSidecar:
     def _run(self, config: SidecarConfig) -> None:
         asyncio.set_event_loop(self.loop)
         try:
-            self.sidecar = Sidecar(config, sink=self.sink)
+            self.sidecar = Sidecar(config, sink=self.sink, telemetry=self.telemetry)
             self.loop.run_until_complete(self.sidecar.start())
         except BaseException as exc:  # reported to the test thread
             self._error = exc

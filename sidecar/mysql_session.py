@@ -1,0 +1,535 @@
+"""One MySQL/MariaDB session through the sidecar: the sans-I/O state machine.
+
+The driver (`sidecar/server.py`) feeds bytes from the app to `client_data` and bytes from the
+server to `server_data`, then writes out `to_server` and `to_client` (the same interface as
+`PgSession`). The server speaks first, so `startup_sent` is true from the start: the driver
+connects upstream as soon as the app connects.
+
+- Connection phase: the server's greeting loses TLS, compression and formats we do not
+  parse from its capability flags (docs/decisions/0006); the client's HandshakeResponse is
+  read for its capabilities and character set; authentication (any plugin: native password,
+  caching_sha2 with its public-key exchange, ed25519, ...) passes through untouched until the
+  server's OK or ERR. COM_CHANGE_USER re-enters that pass-through.
+- COM_QUERY: every statement is decided; if any is denied, the whole string is answered
+  with ERR 1142 / 42000 by the sidecar and not forwarded (MySQL does not abort a transaction
+  on an error, so a local ERR leaves the server where the server's own error would).
+  A rate-limit rejection is ERR 1226 / 42000; a delay holds the command.
+- COM_STMT_PREPARE is decided (deny only); the server's STMT_PREPARE_OK gives the statement
+  id; every COM_STMT_EXECUTE of it is decided again (time windows, limits).
+- SQL-level PREPARE/EXECUTE/DEALLOCATE are tracked per session as in `PgSession`.
+
+Responses are matched to commands with a FIFO (`mysql_responses.Responses`), which also
+yields each statement's rows, duration and error for its audit event, and places the
+sidecar's own answers in order when the app has pipelined commands.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import replace
+
+from policies.engine import Decision
+from policies.spec import Action
+from policies.sql.inspect import MYSQL, SessionState
+from policies.sql.model import StatementInfo, parse_error
+from sidecar import mysql_responses as rs
+from sidecar.audit import AuditEvent
+from sidecar.pg_session import RouteContext, _deny_text, _limit_text, _Run, _with_span
+from sidecar.protocols import mysql as my
+
+DENIED_STATE = "42000"
+_OPAQUE_EXECUTE = StatementInfo(verb="EXECUTE", verbs=frozenset({"EXECUTE"}), opaque=True)
+_GREETING, _HANDSHAKE, _AUTH, _COMMAND = range(4)
+# Commands answered by one packet (OK, ERR, EOF or a string) and passed through.
+_SIMPLE_COMMANDS = frozenset(
+    {my.COM_INIT_DB, my.COM_PING, my.COM_STMT_RESET, my.COM_SET_OPTION, my.COM_STATISTICS}
+    | {my.COM_REFRESH, my.COM_PROCESS_KILL, my.COM_DEBUG, my.COM_SHUTDOWN}
+    | {my.COM_RESET_CONNECTION}
+)
+_SET_NAMES = re.compile(r"\bSET\s+(?:NAMES|CHARACTER\s+SET|CHARSET)\s+([`'\"]?\w+)", re.I)
+_CHARSET_WORDS = re.compile(r"\b(?:NAMES|CHARACTER\s+SET|CHARSET|character_set_client)\b", re.I)
+_UNDECODABLE = (
+    "the connection's character set is not one the sidecar reads (only ASCII text is "
+    "inspected in it)"
+)
+_SEVERITY = {Action.DENY: 2, Action.LIMIT: 1}
+_STATES: dict[tuple[int, bool, bool, bool], SessionState] = {}
+
+
+def _state(version: int, mariadb: bool, ansi: bool, nbe: bool) -> SessionState:
+    """Interned session states: they key the decider's cache."""
+    key = (version, mariadb, ansi, nbe)
+    st = _STATES.get(key)
+    if st is None:
+        st = _STATES[key] = replace(
+            MYSQL,
+            server_version=version,
+            mariadb=mariadb,
+            ansi_quotes=ansi,
+            no_backslash_escapes=nbe,
+        )
+    return st
+
+
+class MySqlSession(rs.Responses):
+    """The protocol state machine of one app connection and its server connection."""
+
+    protocol = "mysql"
+
+    def __init__(self, ctx: RouteContext, session_id: str) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.session_id = session_id
+        self.to_client = bytearray()
+        self.to_server = bytearray()
+        self.closing: str | None = None
+        self.startup_sent = True  # the server speaks first: connect at once
+        self.cancel_packet: bytes | None = None  # KILL QUERY is plain SQL in MySQL
+        self.backend_key: bytes | None = None
+        self.wait = 0.0
+        self.greeting: my.Greeting | None = None
+        self.client: my.HandshakeResponse | None = None
+        self.deprecate_eof = False
+        self.encoding: str | None = "utf-8"
+        self.state: SessionState = _state(101100, True, False, False)
+        self._phase = _GREETING
+        self._held: bytes | None = None
+        self._cin = bytearray()
+        self._cseq = 0
+        self._sql_prepared: dict[str, StatementInfo] = {}
+
+    # -- app -> server ----------------------------------------------------------------------
+
+    def client_data(self, data: bytes) -> None:
+        self._cin += data
+        try:
+            self._client_packets()
+        except my.ProtocolError as exc:
+            self._fail(f"invalid packet from the client: {exc}")
+
+    def release(self) -> None:
+        """The delay of a limited command is over: send it and go on."""
+        held, self._held, self.wait = self._held, None, 0.0
+        if held:
+            self.to_server += held
+        self.client_data(b"")
+
+    def _client_packets(self) -> None:
+        buf = self._cin
+        pos = fwd = 0
+        out = self.to_server
+        try:
+            while self.wait == 0.0 and self.closing is None and self._phase != _GREETING:
+                end, payload, seq = self._command_at(buf, pos)
+                if end < 0:
+                    break
+                self._cseq = seq
+                if self._phase == _COMMAND and not self.infile:
+                    if not payload:
+                        raise my.ProtocolError("empty command packet")
+                    if buf[pos + 3] != 0:
+                        raise my.ProtocolError(f"command starts with sequence id {buf[pos + 3]}")
+                    if not self._command(payload, seq):  # answered here, not forwarded
+                        out += buf[fwd:pos]
+                        fwd = end
+                    elif self.wait:
+                        out += buf[fwd:pos]
+                        self._held = bytes(buf[pos:end])
+                        fwd = end
+                elif self._phase == _HANDSHAKE:
+                    self._handshake(payload)
+                elif self.infile and not payload:  # the empty packet ends the file
+                    self.infile = False
+                pos = end
+        finally:
+            out += buf[fwd:pos]
+            del buf[:pos]
+
+    def _command_at(self, buf: bytearray, pos: int) -> tuple[int, bytes, int]:
+        """(end, payload, last sequence id) of the logical packet at `pos`, or end -1."""
+        size = len(buf)
+        at = pos
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            if size - at < 4:
+                return -1, b"", 0
+            length, seq = my.packet_header(buf, at)
+            if at + 4 + length > size:
+                return -1, b"", 0
+            total += length
+            if total > self.ctx.max_message:
+                raise my.ProtocolError(f"packet of more than {self.ctx.max_message} bytes")
+            chunks.append(bytes(buf[at + 4 : at + 4 + length]))
+            at += 4 + length
+            if length < my.MAX_PACKET:
+                return at, chunks[0] if len(chunks) == 1 else b"".join(chunks), seq
+
+    def _handshake(self, payload: bytes) -> None:
+        if my.is_ssl_request(payload):
+            raise my.ProtocolError("TLS between the app and its sidecar is not supported")
+        self.client = hello = my.parse_handshake_response(payload)
+        server_caps = self.greeting.capabilities if self.greeting else 0
+        self.deprecate_eof = bool(hello.capabilities & server_caps & my.CLIENT_DEPRECATE_EOF)
+        self.encoding = my.collation_codec(hello.charset)
+        self._phase = _AUTH
+        self.expect(rs.AUTH)
+
+    def _command(self, payload: bytes, seq: int) -> bool:
+        """Handle one command; False when the sidecar answered it (nothing forwarded)."""
+        com = payload[0]
+        if com == my.COM_QUERY:
+            return self._query(payload[1:], seq)
+        if com == my.COM_STMT_PREPARE:
+            return self._prepare(payload[1:], seq)
+        if com == my.COM_STMT_EXECUTE:
+            return self._execute(payload, seq)
+        if com in (my.COM_STMT_CLOSE, my.COM_STMT_SEND_LONG_DATA):  # no response
+            if com == my.COM_STMT_CLOSE and len(payload) >= 5:
+                self.forget(int.from_bytes(payload[1:5], "little"))
+            return True
+        if com == my.COM_STMT_FETCH:
+            self.expect(rs.FETCH)
+        elif com == my.COM_FIELD_LIST:
+            self.expect(rs.FIELDS)
+        elif com == my.COM_PROCESS_INFO:
+            self.expect(rs.RESULT)
+        elif com in _SIMPLE_COMMANDS:
+            if com == my.COM_RESET_CONNECTION:
+                self._reset_statements()
+            self.expect(rs.SIMPLE)
+        elif com == my.COM_CHANGE_USER:
+            self._reset_statements()
+            self._phase = _AUTH
+            self.expect(rs.AUTH)
+        elif com == my.COM_QUIT:
+            self.closing = "client quit"
+        else:
+            text = f"sluice: command {com:#04x} is not supported through the sidecar"
+            self.answer(my.err_packet(seq + 1, my.ER_UNKNOWN_COM, "08S01", text))
+            return False
+        return True
+
+    def _query(self, raw: bytes, seq: int) -> bool:
+        ctx = self.ctx
+        now = ctx.clock()
+        sql, statements, decision = self._decide_text(raw, now)
+        if decision.applied is Action.DENY:
+            self._deny(sql, statements, decision, now, seq)
+            return False
+        outcome = self._limit(sql, statements, decision, now, seq)
+        if outcome is None:
+            return False
+        self._remember_sql_prepared(statements)
+        self._watch_charset(sql, statements)
+        self.expect(rs.RESULT, self._runs(sql, statements, decision, now, outcome))
+        return True
+
+    def _prepare(self, raw: bytes, seq: int) -> bool:
+        now = self.ctx.clock()
+        sql, statements, decision = self._decide_text(raw, now)
+        if decision.applied is Action.DENY:
+            self._deny(sql, statements, decision, now, seq)
+            return False
+        self.expect(rs.PREPARE, prepared=(sql, statements))
+        return True
+
+    def _execute(self, payload: bytes, seq: int) -> bool:
+        if len(payload) < 5:
+            raise my.ProtocolError("COM_STMT_EXECUTE too short")
+        now = self.ctx.clock()
+        sql, statements, decision = self._decide_prepared(
+            int.from_bytes(payload[1:5], "little"), now
+        )
+        if decision.applied is Action.DENY:
+            self._deny(sql, statements, decision, now, seq)
+            return False
+        outcome = self._limit(sql, statements, decision, now, seq)
+        if outcome is None:
+            return False
+        self._remember_sql_prepared(statements)
+        info = statements[0] if statements else None
+        self.expect(rs.RESULT, [self._run(sql, info, decision, now, outcome)])
+        return True
+
+    def _decide_prepared(
+        self, stmt_id: int, now: float
+    ) -> tuple[str, tuple[StatementInfo, ...], Decision]:
+        """Decide an execution; repeated ones reuse the decision while the policy set and,
+        with time windows, the minute are the same."""
+        ctx = self.ctx
+        engine = ctx.decider.engine
+        known = self.prepared.get(stmt_id)
+        if known is None:  # not prepared through us: opaque
+            return "", (_OPAQUE_EXECUTE,), engine.decide(ctx.peer, _OPAQUE_EXECUTE, now)
+        sql, statements, state = known
+        minute = int(now // 60)
+        cached = self.decisions.get(stmt_id)
+        if cached is not None and cached[0] is engine and (cached[1] < 0 or cached[1] == minute):
+            return sql, cached[2], cached[3]
+        statements, decision = ctx.decider.decide(sql, now, state)
+        resolved, decision = self._resolve(statements, decision, now)
+        if resolved is statements:
+            timeless = engine.view(ctx.peer).timeless
+            self.decisions[stmt_id] = (engine, -1 if timeless else minute, statements, decision)
+        return sql, resolved, decision
+
+    def remember_prepared(
+        self, stmt_id: int, sql: str, statements: tuple[StatementInfo, ...]
+    ) -> None:
+        """The server's STMT_PREPARE_OK named a statement we let through."""
+        self.prepared[stmt_id] = (sql, statements, self.state)
+        self.decisions.pop(stmt_id, None)
+
+    def _limit(
+        self,
+        sql: str,
+        statements: tuple[StatementInfo, ...],
+        decision: Decision,
+        now: float,
+        seq: int,
+    ) -> str | None:
+        """Take tokens: the outcome ("allow" or "delay"), or None when rejected (answered)."""
+        if not decision.limits:
+            return "allow"
+        granted = self.ctx.limiter.take(decision.limits, now)
+        if not granted.granted:
+            assert granted.exceeded is not None
+            text = _limit_text(granted.exceeded)
+            info = statements[0] if statements else None
+            self.record(_Run(now, time.monotonic(), sql, info, decision, "reject"), None, "42000")
+            self.answer(my.err_packet(seq + 1, my.ER_USER_LIMIT_REACHED, DENIED_STATE, text))
+            return None
+        if granted.delay > 0:
+            self.wait = granted.delay
+            return "delay"
+        return "allow"
+
+    def _deny(
+        self,
+        sql: str,
+        statements: tuple[StatementInfo, ...],
+        decision: Decision,
+        now: float,
+        seq: int,
+    ) -> None:
+        engine, peer = self.ctx.decider.engine, self.ctx.peer
+        info = next(
+            (s for s in statements if engine.decide(peer, s, now).applied is Action.DENY),
+            statements[0] if statements else None,
+        )
+        self.record(_Run(now, time.monotonic(), sql, info, decision, "deny"), None, DENIED_STATE)
+        text = _deny_text(decision, info)
+        self.answer(my.err_packet(seq + 1, my.ER_TABLEACCESS_DENIED, DENIED_STATE, text))
+
+    # -- deciding ---------------------------------------------------------------------------
+
+    def _decide_text(
+        self, raw: bytes, now: float
+    ) -> tuple[str, tuple[StatementInfo, ...], Decision]:
+        ctx = self.ctx
+        try:
+            if self.encoding is None and not raw.isascii():
+                raise UnicodeError(_UNDECODABLE)
+            sql = raw.decode(self.encoding or "ascii")
+        except UnicodeError as exc:
+            bad = (parse_error(f"cannot decode the statement: {exc}"),)
+            return raw.decode("latin-1"), bad, ctx.decider.engine.decide_all(ctx.peer, bad, now)
+        statements, decision = ctx.decider.decide(sql, now, self.state)
+        for state in self._other_readings(sql, statements):
+            other, d = ctx.decider.decide(sql, now, state)
+            if _SEVERITY.get(d.applied, 0) > _SEVERITY.get(decision.applied, 0):
+                statements, decision = other, d
+        return (sql, *self._resolve(statements, decision, now))
+
+    def _other_readings(
+        self, sql: str, statements: tuple[StatementInfo, ...]
+    ) -> list[SessionState]:
+        """Session states the server might read `sql` in besides the one we track.
+
+        ANSI_QUOTES is not reported by the server, so a text with a double quote is read
+        both ways. NO_BACKSLASH_ESCAPES is (in every OK and EOF), but a statement earlier in
+        the same string, or one still unanswered, may change it: then a text with a
+        backslash is read both ways too. The stricter decision wins (docs/decisions/0006).
+        """
+        st = self.state
+        ansi = (st.ansi_quotes, not st.ansi_quotes) if '"' in sql else (st.ansi_quotes,)
+        unsettled = "\\" in sql and (self.pending or len(statements) > 1)
+        nbe = (st.no_backslash_escapes, not st.no_backslash_escapes) if unsettled else None
+        out = [
+            _state(st.server_version, st.mariadb, a, n)
+            for a in ansi
+            for n in (nbe or (st.no_backslash_escapes,))
+        ]
+        return [s for s in out if s is not st]
+
+    def _resolve(
+        self, statements: tuple[StatementInfo, ...], decision: Decision, now: float
+    ) -> tuple[tuple[StatementInfo, ...], Decision]:
+        """Decide SQL-level EXECUTE of a statement this session prepared as that statement."""
+        if not self._sql_prepared or not any(s.execute_name for s in statements):
+            return statements, decision
+        resolved = tuple(
+            _with_span(self._sql_prepared[s.execute_name], s.span)
+            if s.verb == "EXECUTE" and s.execute_name in self._sql_prepared
+            else s
+            for s in statements
+        )
+        ctx = self.ctx
+        return resolved, ctx.decider.engine.decide_all(ctx.peer, resolved, now)
+
+    def _remember_sql_prepared(self, statements: tuple[StatementInfo, ...]) -> None:
+        for s in statements:
+            if s.prepare_name is not None and s.body is not None:
+                self._sql_prepared[s.prepare_name] = s.body
+            elif s.deallocate_name is not None:
+                self._sql_prepared.pop(s.deallocate_name, None)
+
+    def _watch_charset(self, sql: str, statements: tuple[StatementInfo, ...]) -> None:
+        """SET NAMES x: decode later statements as x; any other character-set change we
+        cannot follow: inspect only ASCII texts from now on (fail closed)."""
+        if not any("SET" in s.verbs for s in statements) or not _CHARSET_WORDS.search(sql):
+            return
+        names = _SET_NAMES.findall(sql)
+        codecs = {my.charset_codec(n) for n in names}
+        if len(statements) == 1 and len(names) == 1 and None not in codecs:
+            self.encoding = codecs.pop()
+        else:
+            self.encoding = None
+
+    def _reset_statements(self) -> None:
+        self.prepared.clear()
+        self.decisions.clear()
+        self._sql_prepared.clear()
+
+    # -- server -> app (see mysql_responses) ---------------------------------------------------
+
+    def server_data(self, data: bytes) -> None:
+        if self._phase == _GREETING:
+            data = self._greeting(data)
+            if self._phase == _GREETING:
+                return
+        self.responses(data)
+
+    def _greeting(self, data: bytes) -> bytes:
+        self._sin += data
+        buf = self._sin
+        if len(buf) < 4:
+            return b""
+        length, _ = my.packet_header(buf, 0)
+        if len(buf) < 4 + length:
+            return b""
+        packet = bytes(buf[: 4 + length])
+        payload = packet[4:]
+        rest = bytes(buf[4 + length :])
+        buf.clear()
+        if payload[:1] == b"\xff":  # refused before the handshake (too many connections...)
+            self.to_client += packet
+            self.closing = "the server refused the connection"
+            return b""
+        try:
+            self.greeting = g = my.parse_greeting(payload)
+        except my.ProtocolError as exc:
+            self._fail(f"invalid greeting from the server: {exc}")
+            return b""
+        status_at = g.caps_at + 3
+        nbe = len(payload) > status_at + 1 and bool(
+            (payload[status_at] | payload[status_at + 1] << 8)
+            & my.SERVER_STATUS_NO_BACKSLASH_ESCAPES
+        )
+        self.state = _state(g.version or 101100, g.mariadb, False, nbe)
+        self.to_client += my.packets(my.strip_greeting(payload, g), 0)
+        self._phase = _HANDSHAKE
+        if self._cin:
+            self.client_data(b"")
+        return rest
+
+    def server_status(self, status: int) -> None:
+        nbe = bool(status & my.SERVER_STATUS_NO_BACKSLASH_ESCAPES)
+        st = self.state
+        if nbe != st.no_backslash_escapes:
+            self.state = _state(st.server_version, st.mariadb, st.ansi_quotes, nbe)
+
+    def authenticated(self) -> None:
+        self._phase = _COMMAND
+
+    # -- audit ------------------------------------------------------------------------------
+
+    def _runs(
+        self,
+        sql: str,
+        statements: tuple[StatementInfo, ...],
+        decision: Decision,
+        now: float,
+        outcome: str,
+    ) -> list[_Run | None]:
+        if len(statements) <= 1:
+            info = statements[0] if statements else None
+            shape = self.ctx.decider.last_shape
+            return [self._run(sql, info, decision, now, outcome, shape=shape)]
+        if not self._wants(decision):
+            return [None] * len(statements)
+        engine, peer = self.ctx.decider.engine, self.ctx.peer
+        raw = sql.encode()
+        runs: list[_Run | None] = []
+        for info in statements:
+            text = raw[info.span[0] : info.span[1]].decode() if info.span else sql
+            d = engine.decide(peer, info, now)
+            runs.append(_Run(now, time.monotonic(), text, info, d, outcome))
+        return runs
+
+    def _run(
+        self,
+        sql: str,
+        info: StatementInfo | None,
+        decision: Decision,
+        now: float,
+        outcome: str,
+        *,
+        shape: str | None = None,
+    ) -> _Run | None:
+        if not self._wants(decision) and outcome == "allow":
+            return None
+        return _Run(now, time.monotonic(), sql, info, decision, outcome, shape)
+
+    def _wants(self, decision: Decision) -> bool:
+        return (
+            self.ctx.record_all
+            or decision.applied is not Action.ALLOW
+            or decision.action is not Action.ALLOW
+            or decision.audit
+        )
+
+    def record(self, run: _Run, rows: int | None, error: str | None) -> None:
+        ctx = self.ctx
+        info, decision = run.info, run.decision
+        ctx.sink.record(
+            AuditEvent(
+                id=f"{ctx.instance}-{ctx.boot}-{next(ctx.events)}",
+                time=run.at,
+                app=ctx.app,
+                instance=ctx.instance,
+                service=ctx.service,
+                session=self.session_id,
+                protocol="mysql",
+                decision=run.outcome,
+                action=decision.action.value,
+                enforced=decision.enforced,
+                rules=decision.rules,
+                rule=decision.rule,
+                verbs=tuple(sorted(info.verbs)) if info else (),
+                tables=info.tables if info else (),
+                statement=rs.masked(ctx, self.state, run.sql, run.shape),
+                duration_ms=round((time.monotonic() - run.started) * 1000, 3),
+                rows=rows,
+                error=error,
+                policy_version=ctx.policy_version(),
+            )
+        )
+
+    def _fail(self, reason: str) -> None:
+        self.to_client += my.err_packet(
+            (self._cseq + 1) & 0xFF, my.ER_NET_PACKETS_OUT_OF_ORDER, "08S01", f"sluice: {reason}"
+        )
+        self.closing = reason
