@@ -2,7 +2,8 @@
 
 One pair of asyncio.Protocols per connection on uvloop; `data_received` writes straight to
 the other transport, with flow control (a peer's pause_writing pauses reading on the other
-side). No parsing, no buffering, no logging: what `pg_sidecar.py` compares the sidecar to.
+side). No parsing, no buffering, no logging: what `pg_sidecar.py` and `mysql_sidecar.py`
+compare the sidecar to.
 
     python bench/relay.py LISTEN_PORT UPSTREAM_HOST UPSTREAM_PORT
 """
@@ -20,7 +21,11 @@ class _Side(asyncio.Protocol):
     """One end of a relayed connection; `peer` is the other end once both are connected."""
 
     transport: asyncio.Transport  # set by connection_made, before any other callback
-    peer: _Side | None = None
+
+    def __init__(self, peer: _Side | None = None) -> None:
+        # The upstream side knows its app side from the start: a server that speaks first
+        # (MySQL's greeting) may send before `create_connection` has returned.
+        self.peer = peer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -46,6 +51,7 @@ class _Client(_Side):
     """The app's side: connects upstream, holding what the app sends until that side is up."""
 
     def __init__(self, host: str, port: int) -> None:
+        super().__init__()
         self.upstream = (host, port)
         self.early: list[bytes] = []
 
@@ -62,11 +68,11 @@ class _Client(_Side):
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            _, server = await loop.create_connection(_Side, *self.upstream)
+            _, server = await loop.create_connection(lambda: _Side(self), *self.upstream)
         except OSError:
             self.transport.close()
             return
-        server.peer, self.peer = self, server
+        self.peer = server
         if self.transport.is_closing():  # the app left while we were connecting
             server.transport.close()
         else:

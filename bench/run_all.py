@@ -15,7 +15,9 @@ BENCHES = (
     "pg_corpus_accuracy.py",
     "mysql_corpus_accuracy.py",
     "pg_sidecar.py",
+    "mysql_sidecar.py",
     "control_plane.py",
+    "quota.py",
 )
 
 

@@ -18,6 +18,7 @@ from dataclasses import replace
 
 from policies.errors import PolicyError
 from sidecar.config import (
+    BALANCES,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_RELOAD_INTERVAL,
     DEFAULT_TRACE_SAMPLE,
@@ -31,6 +32,7 @@ from sidecar.config import (
     check_sample,
     load_config,
     parse_hostport,
+    parse_upstream,
 )
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -50,7 +52,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--service", help="the destination service name (as in policies)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="postgres")
     p.add_argument("--listen", metavar="HOST:PORT", help="where the app connects")
-    p.add_argument("--upstream", metavar="HOST:PORT", help="the real server")
+    p.add_argument(
+        "--upstream",
+        metavar="HOST:PORT|NAME.service",
+        help="the real server, or a service's healthy instances from the catalog",
+    )
+    p.add_argument(
+        "--balance",
+        choices=BALANCES,
+        default="round-robin",
+        help="how a NAME.service upstream spreads connections over its instances",
+    )
     p.add_argument("--policies", nargs="+", metavar="PATH", help="policy files or directories")
     p.add_argument(
         "--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS"
@@ -145,12 +157,14 @@ def _base_config(args: argparse.Namespace) -> SidecarConfig:
     missing = [f"--{name.replace('_', '-')}" for name in required if not getattr(args, name)]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (or give -c FILE)")
+    upstream, service_upstream = parse_upstream(args.upstream, args.balance)
     route = Route(
         service=args.service,
         protocol=args.protocol,
         listen=parse_hostport(args.listen),
-        upstream=parse_hostport(args.upstream),
+        upstream=upstream,
         connect_timeout=args.connect_timeout,
+        upstream_service=service_upstream,
     )
     return SidecarConfig(
         app=args.app,

@@ -80,8 +80,14 @@ def _serve(
         audit_retention=retention,
         retention_interval=args.retention_interval,
         version=_version(),
+        quota=getattr(args, "quota", None),
+        quota_prefix=getattr(args, "quota_prefix", "sluice:quota:"),
     )
-    app = create_app(stores, settings)
+    try:
+        app = create_app(stores, settings)
+    except ValueError as exc:  # a --quota URL we cannot use
+        print(f"sluice up: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     dns = _dns(args, app)
     current = stores.policies.current()
     rules = next((v.rules for v in stores.policies.versions() if v.version == current.version), 0)
@@ -91,6 +97,7 @@ def _serve(
         f"  policy version:  {current.version} ({len(current.files)} files, {rules} rules)\n"
         f"  admin token:     {token_line}\n"
         f"  audit retention: {args.audit_retention}\n"
+        f"  quota:           {settings.quota or 'in-process'}\n"
         f"  catalog:         Consul API on {url}/v1/ (CONSUL_HTTP_ADDR={url}); DNS {dns}\n"
         "Ctrl-C stops.",
         flush=True,

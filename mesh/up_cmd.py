@@ -47,6 +47,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help=f"meshdns over the embedded catalog, UDP and TCP (default {DEFAULT_DNS_LISTEN})",
     )
     p.add_argument("--no-dns", action="store_true", help="do not run meshdns")
+    p.add_argument(
+        "--quota",
+        metavar="URL",
+        help="where the mesh-wide rate-limit buckets live: in this process (default) or "
+        "redis://HOST:PORT/DB, shared by several control planes (docs/operations.md)",
+    )
+    p.add_argument(
+        "--quota-prefix",
+        default="sluice:quota:",
+        metavar="PREFIX",
+        help="Redis key prefix of the quota buckets (default sluice:quota:)",
+    )
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     # For tests: short heartbeat and retention intervals.
     p.add_argument("--heartbeat-interval", type=float, default=10.0, help=argparse.SUPPRESS)

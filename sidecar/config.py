@@ -26,6 +26,11 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_RELOAD_INTERVAL = 0.5
 # One statement in a hundred traced: spans cost an export each; metrics count them all.
 DEFAULT_TRACE_SAMPLE = 0.01
+# How to spread connections over a catalog service's instances (sidecar/upstreams.py).
+BALANCES = ("round-robin", "least-connections")
+# How long an instance that refused a connection is left out before it is tried again.
+DEFAULT_EJECT_SECONDS = 10.0
+_SERVICE = re.compile(r"^(?:([A-Za-z0-9_-]+)\.)?([A-Za-z0-9_-]+)\.service$")
 _HOSTPORT = re.compile(r"^\s*(?:\[([0-9a-fA-F:.]+)\]|([^:\s\[\]]+)):(\d{1,5})\s*$")
 
 
@@ -34,6 +39,16 @@ class UpstreamTls:
     mode: str = "disable"  # libpq's sslmode names
     ca_file: str | None = None
     server_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceUpstream:
+    """An upstream found by name in the service catalog (sidecar/upstreams.py)."""
+
+    name: str
+    tag: str | None = None
+    balance: str = "round-robin"  # BALANCES
+    eject_seconds: float = DEFAULT_EJECT_SECONDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +61,16 @@ class Route:
     upstream: tuple[str, int]
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     tls: UpstreamTls = field(default_factory=UpstreamTls)
+    # Set: instances come from the catalog, and `upstream` is only a label ("NAME.service", 0).
+    upstream_service: ServiceUpstream | None = None
+
+    @property
+    def upstream_label(self) -> str:
+        """The upstream as logs and error messages name it."""
+        if self.upstream_service is not None:
+            return f"{self.upstream_service.name}.service"
+        host, port = self.upstream
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +123,23 @@ def parse_hostport(text: str) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is out of range")
     return (m.group(1) or m.group(2), port)
+
+
+def parse_upstream(
+    text: str, balance: str = "round-robin"
+) -> tuple[tuple[str, int], ServiceUpstream | None]:
+    """ "HOST:PORT", or "[TAG.]NAME.service" for a catalog service -> (address or label,
+    service or None); raises ValueError saying what is expected."""
+    m = _SERVICE.match(text.strip())
+    if m is None:
+        try:
+            return parse_hostport(text), None
+        except ValueError:
+            raise ValueError(f'expected "HOST:PORT" or "NAME.service", got {text!r}') from None
+    if balance not in BALANCES:
+        raise ValueError(f"balance: expected one of {', '.join(BALANCES)}, got {balance!r}")
+    service = ServiceUpstream(m.group(2), m.group(1), balance)
+    return (f"{service.name}.service", 0), service
 
 
 def check_control_url(url: str) -> str:
@@ -237,7 +279,7 @@ def _route(node: yaml.Node, index: int) -> Route:
         choice(m["protocol"][1], f"{what}.protocol", PROTOCOLS) if "protocol" in m else ("postgres")
     )
     listen = _hostport(m["listen"][1], f"{what}.listen")
-    upstream = _hostport(m["upstream"][1], f"{what}.upstream")
+    upstream, service_upstream = _upstream(m["upstream"][1], f"{what}.upstream")
     timeout = DEFAULT_CONNECT_TIMEOUT
     if "connect_timeout" in m:
         timeout = number(m["connect_timeout"][1], f"{what}.connect_timeout")
@@ -255,7 +297,34 @@ def _route(node: yaml.Node, index: int) -> Route:
         )
     if protocol == "mysql" and tls.mode != "disable":
         raise Invalid(m["tls"][1], f"{what}.tls: TLS to a MySQL upstream is not supported yet")
-    return Route(service, protocol, listen, upstream, timeout, tls)
+    return Route(service, protocol, listen, upstream, timeout, tls, service_upstream)
+
+
+def _upstream(node: yaml.Node, what: str) -> tuple[tuple[str, int], ServiceUpstream | None]:
+    """HOST:PORT or NAME.service, or {service, tag, balance, eject_seconds}."""
+    if not isinstance(node, yaml.MappingNode):
+        try:
+            return parse_upstream(string(node, what))
+        except ValueError as exc:
+            raise Invalid(node, f"{what}: {exc}") from None
+    m = mapping(
+        node,
+        what,
+        frozenset({"service", "tag", "balance", "eject_seconds"}),
+        frozenset({"service"}),
+    )
+    name = string(m["service"][1], f"{what}.service")
+    if not re.match(r"^[A-Za-z0-9_-]+$", name):
+        raise Invalid(m["service"][1], f"{what}.service: expected a service name, got {name!r}")
+    tag = string(m["tag"][1], f"{what}.tag") if "tag" in m else None
+    balance = choice(m["balance"][1], f"{what}.balance", BALANCES) if "balance" in m else None
+    eject = DEFAULT_EJECT_SECONDS
+    if "eject_seconds" in m:
+        eject = number(m["eject_seconds"][1], f"{what}.eject_seconds")
+        if eject <= 0:
+            raise Invalid(m["eject_seconds"][1], f"{what}.eject_seconds must be positive")
+    service = ServiceUpstream(name, tag, balance or "round-robin", eject)
+    return (f"{name}.service", 0), service
 
 
 def _audit(node: yaml.Node, base: Path) -> AuditConfig:

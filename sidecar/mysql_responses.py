@@ -16,16 +16,14 @@ from dataclasses import dataclass, field
 
 from policies.engine import Decision
 from policies.sql.inspect import SessionState
-from policies.sql.mask import mask
 from policies.sql.model import StatementInfo
-from sidecar.pg_session import RouteContext, _Run
 from sidecar.protocols import mysql as my
+from sidecar.session_common import RouteContext, Run
 
 # What a command expects.
 RESULT, PREPARE, FETCH, FIELDS, SIMPLE, AUTH, LOCAL = range(7)
 # Where in a response we are.
 _FIRST, _COLUMNS, _COLUMNS_EOF, _ROWS, _SKIP = range(5)
-_MASK_CACHE_SIZE = 10_000
 
 Prepared = tuple[str, tuple[StatementInfo, ...]]
 
@@ -33,7 +31,7 @@ Prepared = tuple[str, tuple[StatementInfo, ...]]
 @dataclass(slots=True)
 class Expected:
     kind: int
-    runs: deque[_Run | None] = field(default_factory=deque)
+    runs: deque[Run | None] = field(default_factory=deque)
     local: bytes = b""
     prepared: Prepared | None = None
 
@@ -60,7 +58,7 @@ class Responses:
         self._continued = False  # the last packet was 0xFFFFFF long: this one continues it
 
     # hooks the session implements
-    def record(self, run: _Run, rows: int | None, error: str | None) -> None: ...
+    def record(self, run: Run, rows: int | None, error: str | None) -> None: ...
     def server_status(self, status: int) -> None: ...
     def authenticated(self) -> None: ...
     def remember_prepared(
@@ -71,7 +69,7 @@ class Responses:
     # the session's side
 
     def expect(
-        self, kind: int, runs: list[_Run | None] | None = None, prepared: Prepared | None = None
+        self, kind: int, runs: list[Run | None] | None = None, prepared: Prepared | None = None
     ) -> None:
         self.pending.append(Expected(kind, deque(runs or ()), prepared=prepared))
 
@@ -106,7 +104,9 @@ class Responses:
                     self._continued = length == my.MAX_PACKET
                 elif self.pending:
                     self._continued = length == my.MAX_PACKET
-                    if self._packet(buf, pos + 4, end):
+                    if self._where == _ROWS and length and buf[pos + 4] < my.EOF:
+                        self._rows += 1  # a row (not EOF, not ERR): the bulk of a result
+                    elif self._packet(buf, pos + 4, end):
                         out += buf[fwd:end]
                         fwd = end
                         self._locals(out)
@@ -232,17 +232,3 @@ class Responses:
         self._where = _FIRST
         self._count = self._rows = 0
         return True
-
-
-def masked(ctx: RouteContext, state: SessionState, sql: str, shape: str | None) -> str:
-    """The statement as the audit trail records it (literals masked unless configured)."""
-    if ctx.full_statements:
-        return sql
-    key = (state, shape if shape is not None else sql)
-    text = ctx.masks.get(key)
-    if text is None:
-        text = mask(sql, state)
-        if len(ctx.masks) >= _MASK_CACHE_SIZE:
-            del ctx.masks[next(iter(ctx.masks))]
-        ctx.masks[key] = text
-    return text

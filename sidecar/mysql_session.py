@@ -34,9 +34,8 @@ from policies.spec import Action
 from policies.sql.inspect import MYSQL, SessionState
 from policies.sql.model import StatementInfo, parse_error
 from sidecar import mysql_responses as rs
-from sidecar.audit import AuditEvent
-from sidecar.pg_session import RouteContext, _deny_text, _limit_text, _Run, _with_span
 from sidecar.protocols import mysql as my
+from sidecar.session_common import RouteContext, Run, SessionAudit, deny_text, limit_text
 
 DENIED_STATE = "42000"
 _OPAQUE_EXECUTE = StatementInfo(verb="EXECUTE", verbs=frozenset({"EXECUTE"}), opaque=True)
@@ -72,10 +71,11 @@ def _state(version: int, mariadb: bool, ansi: bool, nbe: bool) -> SessionState:
     return st
 
 
-class MySqlSession(rs.Responses):
+class MySqlSession(SessionAudit, rs.Responses):
     """The protocol state machine of one app connection and its server connection."""
 
     protocol = "mysql"
+    deallocate_all = None  # MySQL has no DEALLOCATE ALL
 
     def __init__(self, ctx: RouteContext, session_id: str) -> None:
         super().__init__()
@@ -223,7 +223,13 @@ class MySqlSession(rs.Responses):
             return False
         self._remember_sql_prepared(statements)
         self._watch_charset(sql, statements)
-        self.expect(rs.RESULT, self._runs(sql, statements, decision, now, outcome))
+        if len(statements) > 1:
+            runs = self._each_statement(sql, statements, decision, now, outcome)
+        else:
+            info = statements[0] if statements else None
+            shape = ctx.decider.last_shape
+            runs = [self._run(sql, info, decision, now, outcome, shape=shape)]
+        self.expect(rs.RESULT, runs)
         return True
 
     def _prepare(self, raw: bytes, seq: int) -> bool:
@@ -296,9 +302,9 @@ class MySqlSession(rs.Responses):
         granted = self.ctx.limiter.take(decision.limits, now)
         if not granted.granted:
             assert granted.exceeded is not None
-            text = _limit_text(granted.exceeded)
+            text = limit_text(granted.exceeded)
             info = statements[0] if statements else None
-            self.record(_Run(now, time.monotonic(), sql, info, decision, "reject"), None, "42000")
+            self.record(Run(now, time.monotonic(), sql, info, decision, "reject"), None, "42000")
             self.answer(my.err_packet(seq + 1, my.ER_USER_LIMIT_REACHED, DENIED_STATE, text))
             return None
         if granted.delay > 0:
@@ -319,8 +325,8 @@ class MySqlSession(rs.Responses):
             (s for s in statements if engine.decide(peer, s, now).applied is Action.DENY),
             statements[0] if statements else None,
         )
-        self.record(_Run(now, time.monotonic(), sql, info, decision, "deny"), None, DENIED_STATE)
-        text = _deny_text(decision, info)
+        self.record(Run(now, time.monotonic(), sql, info, decision, "deny"), None, DENIED_STATE)
+        text = deny_text(decision, info)
         self.answer(my.err_packet(seq + 1, my.ER_TABLEACCESS_DENIED, DENIED_STATE, text))
 
     # -- deciding ---------------------------------------------------------------------------
@@ -363,28 +369,6 @@ class MySqlSession(rs.Responses):
             for n in (nbe or (st.no_backslash_escapes,))
         ]
         return [s for s in out if s is not st]
-
-    def _resolve(
-        self, statements: tuple[StatementInfo, ...], decision: Decision, now: float
-    ) -> tuple[tuple[StatementInfo, ...], Decision]:
-        """Decide SQL-level EXECUTE of a statement this session prepared as that statement."""
-        if not self._sql_prepared or not any(s.execute_name for s in statements):
-            return statements, decision
-        resolved = tuple(
-            _with_span(self._sql_prepared[s.execute_name], s.span)
-            if s.verb == "EXECUTE" and s.execute_name in self._sql_prepared
-            else s
-            for s in statements
-        )
-        ctx = self.ctx
-        return resolved, ctx.decider.engine.decide_all(ctx.peer, resolved, now)
-
-    def _remember_sql_prepared(self, statements: tuple[StatementInfo, ...]) -> None:
-        for s in statements:
-            if s.prepare_name is not None and s.body is not None:
-                self._sql_prepared[s.prepare_name] = s.body
-            elif s.deallocate_name is not None:
-                self._sql_prepared.pop(s.deallocate_name, None)
 
     def _watch_charset(self, sql: str, statements: tuple[StatementInfo, ...]) -> None:
         """SET NAMES x: decode later statements as x; any other character-set change we
@@ -453,80 +437,6 @@ class MySqlSession(rs.Responses):
 
     def authenticated(self) -> None:
         self._phase = _COMMAND
-
-    # -- audit ------------------------------------------------------------------------------
-
-    def _runs(
-        self,
-        sql: str,
-        statements: tuple[StatementInfo, ...],
-        decision: Decision,
-        now: float,
-        outcome: str,
-    ) -> list[_Run | None]:
-        if len(statements) <= 1:
-            info = statements[0] if statements else None
-            shape = self.ctx.decider.last_shape
-            return [self._run(sql, info, decision, now, outcome, shape=shape)]
-        if not self._wants(decision):
-            return [None] * len(statements)
-        engine, peer = self.ctx.decider.engine, self.ctx.peer
-        raw = sql.encode()
-        runs: list[_Run | None] = []
-        for info in statements:
-            text = raw[info.span[0] : info.span[1]].decode() if info.span else sql
-            d = engine.decide(peer, info, now)
-            runs.append(_Run(now, time.monotonic(), text, info, d, outcome))
-        return runs
-
-    def _run(
-        self,
-        sql: str,
-        info: StatementInfo | None,
-        decision: Decision,
-        now: float,
-        outcome: str,
-        *,
-        shape: str | None = None,
-    ) -> _Run | None:
-        if not self._wants(decision) and outcome == "allow":
-            return None
-        return _Run(now, time.monotonic(), sql, info, decision, outcome, shape)
-
-    def _wants(self, decision: Decision) -> bool:
-        return (
-            self.ctx.record_all
-            or decision.applied is not Action.ALLOW
-            or decision.action is not Action.ALLOW
-            or decision.audit
-        )
-
-    def record(self, run: _Run, rows: int | None, error: str | None) -> None:
-        ctx = self.ctx
-        info, decision = run.info, run.decision
-        ctx.sink.record(
-            AuditEvent(
-                id=f"{ctx.instance}-{ctx.boot}-{next(ctx.events)}",
-                time=run.at,
-                app=ctx.app,
-                instance=ctx.instance,
-                service=ctx.service,
-                session=self.session_id,
-                protocol="mysql",
-                decision=run.outcome,
-                action=decision.action.value,
-                enforced=decision.enforced,
-                rules=decision.rules,
-                rule=decision.rule,
-                verbs=tuple(sorted(info.verbs)) if info else (),
-                tables=info.tables if info else (),
-                statement=rs.masked(ctx, self.state, run.sql, run.shape),
-                duration_ms=round((time.monotonic() - run.started) * 1000, 3),
-                rows=rows,
-                error=error,
-                policy_version=ctx.policy_version(),
-            )
-        )
 
     def _fail(self, reason: str) -> None:
         self.to_client += my.err_packet(

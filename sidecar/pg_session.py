@@ -24,23 +24,18 @@ code for its audit event.
 
 from __future__ import annotations
 
-import itertools
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 
-from policies.attributes import Peer
-from policies.decider import SqlDecider
-from policies.engine import Decision, LimitTicket
+from policies.engine import Decision
 from policies.spec import Action
 from policies.sql.inspect import POSTGRES, SessionState
-from policies.sql.mask import mask
 from policies.sql.model import StatementInfo, parse_error
-from sidecar.audit import AuditEvent, AuditSink
-from sidecar.limits import Limiter
 from sidecar.protocols import postgres as pg
+from sidecar.session_common import RouteContext, Run, SessionAudit, deny_text, limit_text
+
+__all__ = ["DENIED", "LIMITED", "PROTOCOL_VIOLATION", "PgSession", "RouteContext"]
 
 DENIED = "42501"  # insufficient_privilege: what the server says for a missing GRANT
 LIMITED = "53400"  # configuration_limit_exceeded
@@ -53,7 +48,6 @@ _STARTUP, _AUTH, _READY = range(3)
 _unpack_int32 = struct.Struct("!i").unpack_from
 _OPAQUE_CALL = StatementInfo(verb="CALL", verbs=frozenset({"CALL"}), opaque=True)
 _UNKNOWN_PORTAL = StatementInfo(verb="EXECUTE", verbs=frozenset({"EXECUTE"}), opaque=True)
-_MASK_CACHE_SIZE = 10_000
 _PARSE_MEMO_SIZE = 256
 _UNSETTLED = (
     "contains a backslash and was sent before the server answered earlier statements that "
@@ -91,45 +85,11 @@ _PG_ENCODINGS = {
 _UNKNOWN_ENCODING = "unknown"
 
 
-@dataclass(slots=True)
-class RouteContext:
-    """What every session of one route shares: who it serves, the decider, limits, audit."""
-
-    app: str
-    instance: str
-    service: str
-    decider: SqlDecider
-    limiter: Limiter
-    sink: AuditSink
-    record_all: bool = True  # False: only decisions other than a plain allow
-    full_statements: bool = False
-    max_message: int = pg.DEFAULT_MAX_MESSAGE
-    policy_version: Callable[[], int] = lambda: 0
-    clock: Callable[[], float] = time.time
-    masks: dict[tuple[SessionState, str], str] = field(default_factory=dict)
-    events: itertools.count[int] = field(default_factory=itertools.count)
-    boot: str = field(default_factory=lambda: format(int(time.time() * 1000), "x"))
-
-    @property
-    def peer(self) -> Peer:
-        return self.decider.peer
-
-
-@dataclass(slots=True)
-class _Run:
-    """A decided statement waiting for the server's answer (for its audit event)."""
-
-    at: float
-    started: float
-    sql: str
-    info: StatementInfo | None
-    decision: Decision
-    outcome: str  # allow | deny | reject | delay
-    shape: str | None = None  # the text's constant-free shape: one masking per shape
-
-
-class PgSession:
+class PgSession(SessionAudit):
     """The protocol state machine of one app connection and its server connection."""
+
+    protocol = "postgres"
+    deallocate_all = "*"  # DEALLOCATE ALL
 
     def __init__(self, ctx: RouteContext, session_id: str) -> None:
         self.ctx = ctx
@@ -147,7 +107,7 @@ class PgSession:
         self._cin = bytearray()
         self._sin = bytearray()
         self._phase = _STARTUP
-        self._pending: deque[tuple[int, _Run | None]] = deque()
+        self._pending: deque[tuple[int, Run | None]] = deque()
         self._discarding = False  # after a denied Parse/Execute: drop until Sync
         self._statements: dict[bytes, tuple[str, tuple[StatementInfo, ...]]] = {}
         # Per Parse text: (engine, minute or -1, sql, statements, decision), reset when the
@@ -275,7 +235,7 @@ class PgSession:
             granted = ctx.limiter.take(decision.limits, now)
             if not granted.granted:
                 assert granted.exceeded is not None
-                self._reject(sql, statements, decision, now, _limit_text(granted.exceeded))
+                self._reject(sql, statements, decision, now, limit_text(granted.exceeded))
                 return
             if granted.delay > 0:
                 outcome = "delay"
@@ -312,9 +272,9 @@ class PgSession:
             self._track_statements(
                 sql, allowed, engine.decide_all(peer, allowed, now), now, "allow"
             )
-        text = _deny_text(denied_decision, statements[cut] if statements else None)
+        text = deny_text(denied_decision, statements[cut] if statements else None)
         raiser = pg.raise_statement(DENIED, text, detail=denied_decision.reason)
-        run = _Run(
+        run = Run(
             now,
             time.monotonic(),
             sql,
@@ -334,7 +294,7 @@ class PgSession:
         now: float,
         text: str,
     ) -> None:
-        run = _Run(
+        run = Run(
             now, time.monotonic(), sql, statements[0] if statements else None, decision, "reject"
         )
         self._pending.append((_EXEC, run))
@@ -362,8 +322,8 @@ class PgSession:
             self._statements.pop(name, None)
             self._decisions.pop(name, None)
             info = statements[0] if statements else None
-            run = _Run(now, time.monotonic(), sql, info, decision, "deny")
-            return self._inject(_deny_text(decision, info), DENIED, run, decision.reason)
+            run = Run(now, time.monotonic(), sql, info, decision, "deny")
+            return self._inject(deny_text(decision, info), DENIED, run, decision.reason)
         self._statements[name] = (sql, statements)
         memo = self._parsed.get(raw)
         if memo is None:  # depends on the session's PREPAREs, or text not settled
@@ -383,16 +343,16 @@ class PgSession:
         sql, statements, decision = self._decide_statement(name, now)
         info = statements[0] if statements else None
         if decision.applied is Action.DENY:
-            run = _Run(now, time.monotonic(), sql, info, decision, "deny")
-            self.to_server += self._inject(_deny_text(decision, info), DENIED, run, decision.reason)
+            run = Run(now, time.monotonic(), sql, info, decision, "deny")
+            self.to_server += self._inject(deny_text(decision, info), DENIED, run, decision.reason)
             return
         outcome = "allow"
         if decision.limits:
             granted = ctx.limiter.take(decision.limits, now)
             if not granted.granted:
                 assert granted.exceeded is not None
-                run = _Run(now, time.monotonic(), sql, info, decision, "reject")
-                text = _limit_text(granted.exceeded)
+                run = Run(now, time.monotonic(), sql, info, decision, "reject")
+                text = limit_text(granted.exceeded)
                 self.to_server += self._inject(text, LIMITED, run, None)
                 return
             if granted.delay > 0:
@@ -428,7 +388,7 @@ class PgSession:
             self._decisions[name] = (engine, -1 if timeless else minute, statements, decision)
         return sql, resolved, decision
 
-    def _inject(self, text: str, code: str, run: _Run, detail: str | None) -> bytes:
+    def _inject(self, text: str, code: str, run: Run, detail: str | None) -> bytes:
         """Parse/Bind/Execute of a raising statement in place of the app's message; the app's
         following messages are dropped until its Sync, as the server would drop them."""
         self._discarding = True
@@ -480,31 +440,6 @@ class PgSession:
         statements, decision = self._resolve(statements, decision, now)
         return sql, statements, decision
 
-    def _resolve(
-        self, statements: tuple[StatementInfo, ...], decision: Decision, now: float
-    ) -> tuple[tuple[StatementInfo, ...], Decision]:
-        """Decide SQL-level EXECUTE of a statement this session prepared as that statement."""
-        if not self._sql_prepared or not any(s.execute_name for s in statements):
-            return statements, decision
-        resolved = tuple(
-            _with_span(self._sql_prepared[s.execute_name], s.span)
-            if s.verb == "EXECUTE" and s.execute_name in self._sql_prepared
-            else s
-            for s in statements
-        )
-        ctx = self.ctx
-        return resolved, ctx.decider.engine.decide_all(ctx.peer, resolved, now)
-
-    def _remember_sql_prepared(self, statements: tuple[StatementInfo, ...]) -> None:
-        for s in statements:
-            if s.prepare_name is not None and s.body is not None:
-                self._sql_prepared[s.prepare_name] = s.body
-            elif s.deallocate_name is not None:
-                if s.deallocate_name == "*":
-                    self._sql_prepared.clear()
-                else:
-                    self._sql_prepared.pop(s.deallocate_name, None)
-
     # -- server -> app ----------------------------------------------------------------------
 
     def server_data(self, data: bytes) -> None:
@@ -547,7 +482,7 @@ class PgSession:
                                 if kind == 0x43
                                 else None
                             )
-                            self._record(run, rows, None)
+                            self.record(run, rows, None)
                 elif kind == 0x45:  # ErrorResponse
                     replacement = self._server_error(buf, pos, end)
                     if replacement is not None:
@@ -586,7 +521,7 @@ class PgSession:
         if pending[0][0] == _EXEC:
             run = pending.popleft()[1]
             if run is not None:
-                self._record(run, None, fields.get("C"))
+                self.record(run, None, fields.get("C"))
                 if run.outcome in ("deny", "reject") and "W" in fields:
                     replacement = pg.error_message({k: v for k, v in fields.items() if k != "W"})
         # The server skips everything up to the next Sync (or ends the simple query).
@@ -603,7 +538,7 @@ class PgSession:
             if kind == _SYNC:
                 break
             if run is not None:  # answered by nothing: it did not run
-                self._record(run, None, "skipped")
+                self.record(run, None, "skipped")
 
     def _parameter(self, buf: bytearray, pos: int, end: int) -> None:
         name, at = pg.cstring(buf, pos + 5, end)
@@ -634,77 +569,8 @@ class PgSession:
             run = self._run(sql, statements[0], decision, now, outcome, shape=shape)
             self._pending.append((_EXEC, run))
             return
-        engine, peer = self.ctx.decider.engine, self.ctx.peer
-        raw = sql.encode() if self._wants(decision) else b""
-        for info in statements:
-            if not raw:
-                self._pending.append((_EXEC, None))
-                continue
-            text = raw[info.span[0] : info.span[1]].decode() if info.span else sql
-            d = engine.decide(peer, info, now)
-            self._pending.append((_EXEC, self._run(text, info, d, now, outcome, force=True)))
-
-    def _wants(self, decision: Decision) -> bool:
-        return (
-            self.ctx.record_all
-            or decision.applied is not Action.ALLOW
-            or decision.action is not Action.ALLOW
-            or decision.audit
-        )
-
-    def _run(
-        self,
-        sql: str,
-        info: StatementInfo | None,
-        decision: Decision,
-        now: float,
-        outcome: str,
-        *,
-        force: bool = False,
-        shape: str | None = None,
-    ) -> _Run | None:
-        if not force and not self._wants(decision) and outcome == "allow":
-            return None
-        return _Run(now, time.monotonic(), sql, info, decision, outcome, shape)
-
-    def _record(self, run: _Run, rows: int | None, error: str | None) -> None:
-        ctx = self.ctx
-        info, decision = run.info, run.decision
-        event = AuditEvent(
-            id=f"{ctx.instance}-{ctx.boot}-{next(ctx.events)}",
-            time=run.at,
-            app=ctx.app,
-            instance=ctx.instance,
-            service=ctx.service,
-            session=self.session_id,
-            protocol="postgres",
-            decision=run.outcome,
-            action=decision.action.value,
-            enforced=decision.enforced,
-            rules=decision.rules,
-            rule=decision.rule,
-            verbs=tuple(sorted(info.verbs)) if info else (),
-            tables=info.tables if info else (),
-            statement=self._statement_text(run.sql, run.shape),
-            duration_ms=round((time.monotonic() - run.started) * 1000, 3),
-            rows=rows,
-            error=error,
-            policy_version=ctx.policy_version(),
-        )
-        ctx.sink.record(event)
-
-    def _statement_text(self, sql: str, shape: str | None) -> str:
-        ctx = self.ctx
-        if ctx.full_statements:
-            return sql
-        key = (self.state, shape if shape is not None else sql)
-        masked = ctx.masks.get(key)
-        if masked is None:
-            masked = mask(sql, self.state)
-            if len(ctx.masks) >= _MASK_CACHE_SIZE:
-                del ctx.masks[next(iter(ctx.masks))]
-            ctx.masks[key] = masked
-        return masked
+        for run in self._each_statement(sql, statements, decision, now, outcome):
+            self._pending.append((_EXEC, run))
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -726,24 +592,6 @@ class PgSession:
             PROTOCOL_VIOLATION, f"sluice: {reason}", severity="FATAL"
         )
         self.closing = reason
-
-
-def _with_span(info: StatementInfo, span: tuple[int, int] | None) -> StatementInfo:
-    return replace(info, span=span)
-
-
-def _deny_text(decision: Decision, info: StatementInfo | None) -> str:
-    what = info.verb if info is not None and info.error is None else "statement"
-    if decision.rule is not None:
-        text = f"sluice: {what} denied by policy {decision.policy}, rule {decision.rule}"
-        return f"{text}: {decision.message}" if decision.message else text
-    return f"sluice: {what} denied by policy {decision.policy}: {decision.reason}"
-
-
-def _limit_text(ticket: LimitTicket) -> str:
-    limit = ticket.limit
-    text = f"sluice: rate limit {ticket.rule_id} exceeded ({limit.rate:g} per {limit.per:g}s)"
-    return f"{text}: {ticket.message}" if ticket.message else text
 
 
 def _without_channel_binding(buf: bytearray, pos: int, end: int) -> bytes | None:

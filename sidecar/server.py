@@ -26,6 +26,7 @@ import os
 import signal
 import ssl
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -35,6 +36,7 @@ from policies.decider import SqlDecider
 from policies.engine import Engine
 from policies.sql.inspect import MYSQL, POSTGRES
 from sidecar.audit import AuditSink, JsonlSink, MemorySink, TeeSink
+from sidecar.catalog import Registration, ServiceWatch, consul_client
 from sidecar.config import Route, SidecarConfig, UpstreamTls
 from sidecar.control import ControlClient, RouteInfo
 from sidecar.limits import Limiter
@@ -43,14 +45,20 @@ from sidecar.pg_session import PgSession, RouteContext
 from sidecar.policy_watch import PolicyWatcher
 from sidecar.protocols import mysql as my
 from sidecar.protocols import postgres as pg
+from sidecar.quota import QuotaLimiter
 from sidecar.spool import Spool
 from sidecar.telemetry import Telemetry, wanted
+from sidecar.upstreams import Instance, Picker
 
 log = logging.getLogger("sluice.sidecar")
 
 CONNECTION_FAILURE = "08006"
 _SSL_REQUEST = struct.pack("!ii", 8, pg.SSL_REQUEST)
 AUDIT_FLUSH_INTERVAL = 0.2
+# A catalog service's instances tried per app connection before the app is told it is down.
+CONNECT_ATTEMPTS = 3
+# At start: how long to wait for the catalog's first list of a service's instances.
+CATALOG_WAIT = 5.0
 
 
 def install_uvloop() -> bool:
@@ -69,6 +77,8 @@ class _RouteRuntime:
     ctx: RouteContext
     server: asyncio.Server | None = None
     sessions: set[ClientSide] = field(default_factory=set)
+    picker: Picker | None = None  # a catalog service upstream (sidecar/upstreams.py)
+    watch: ServiceWatch | None = None
 
 
 class Sidecar:
@@ -112,6 +122,9 @@ class Sidecar:
                 on_policies=self._use_policies,
             )
             engine = self.control.engine
+            # Mesh-wide limits are leased from the control plane's quota service.
+            control = self.control
+            self.limiter = QuotaLimiter(config.instance, lambda: control.client)
         # Spans and metrics come from the audit events (sidecar/telemetry.py).
         if telemetry is None and wanted(config):
             telemetry = Telemetry(config)
@@ -119,7 +132,9 @@ class Sidecar:
         if telemetry is not None:
             self.sink = TeeSink(self.sink, telemetry.sink)
         self.routes: list[_RouteRuntime] = []
-        self.cancel_keys: dict[bytes, Route] = {}
+        # BackendKeyData -> the route and the server address that issued it
+        self.cancel_keys: dict[bytes, tuple[Route, tuple[str, int]]] = {}
+        self.registration: Registration | None = None
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
@@ -137,7 +152,8 @@ class Sidecar:
                 full_statements=config.audit.full_statements,
                 policy_version=self.policy_version,
             )
-            self.routes.append(_RouteRuntime(route, ctx))
+            picker = Picker(route.upstream_service) if route.upstream_service else None
+            self.routes.append(_RouteRuntime(route, ctx, picker=picker))
 
     def policy_version(self) -> int:
         """The version of the policy set in force: the control plane's, or the local
@@ -154,10 +170,9 @@ class Sidecar:
     def route_info(self) -> list[RouteInfo]:
         out = []
         for rt, (host, port) in zip(self.routes, self.addresses(all_routes=True), strict=True):
-            up_host, up_port = rt.route.upstream
             out.append(
                 RouteInfo(
-                    rt.route.service, rt.route.protocol, _hp(host, port), _hp(up_host, up_port)
+                    rt.route.service, rt.route.protocol, _hp(host, port), rt.route.upstream_label
                 )
             )
         return out
@@ -166,6 +181,7 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         if self.control is not None:
             await self.control.start()  # the last good set, or a bounded wait for the first
+        await self._watch_catalog()
         for rt in self.routes:
             host, port = rt.route.listen
             rt.server = server = await loop.create_server(
@@ -173,11 +189,11 @@ class Sidecar:
             )
             bound = server.sockets[0].getsockname()
             log.info(
-                "route %s: listening on %s:%d -> upstream %s:%d (%s)",
+                "route %s: listening on %s:%d -> upstream %s (%s)",
                 rt.route.service,
                 bound[0],
                 bound[1],
-                *rt.route.upstream,
+                rt.route.upstream_label,
                 rt.route.protocol,
             )
         if self.watcher is not None:
@@ -187,6 +203,50 @@ class Sidecar:
             await self.telemetry.start()
         if self.control is not None:
             self.control.start_reporting()
+            if isinstance(self.limiter, QuotaLimiter):
+                self._tasks.append(asyncio.create_task(self.limiter.run()))
+            self.registration = Registration(
+                lambda: consul_client(self.config.control), self.config.app, self.config.instance
+            )
+            self.registration.start()
+
+    async def _watch_catalog(self) -> None:
+        """Start a catalog watch per service upstream; wait (bounded) for the first lists."""
+        loop = asyncio.get_running_loop()
+        first = asyncio.Event()
+        pending = {rt.route.service for rt in self.routes if rt.picker is not None}
+        for rt in self.routes:
+            picker = rt.picker
+            if picker is None:
+                continue
+
+            def changed(instances: tuple[Instance, ...], rt: _RouteRuntime = rt) -> None:
+                assert rt.picker is not None
+                rt.picker.update(instances)
+                log.info(
+                    "route %s: %s has %d healthy instance(s): %s",
+                    rt.route.service,
+                    rt.route.upstream_label,
+                    len(instances),
+                    ", ".join(map(str, instances)) or "none",
+                )
+                pending.discard(rt.route.service)
+                if not pending:
+                    first.set()
+
+            rt.watch = ServiceWatch(
+                lambda: consul_client(self.config.control), picker.service, loop, changed
+            )
+            rt.watch.start()
+        if pending:
+            try:
+                await asyncio.wait_for(first.wait(), CATALOG_WAIT)
+            except TimeoutError:
+                log.warning(
+                    "catalog: no answer within %gs for %s; connections fail until it answers",
+                    CATALOG_WAIT,
+                    ", ".join(sorted(pending)),
+                )
 
     def _factory(self, rt: _RouteRuntime) -> Callable[[], ClientSide]:
         return lambda: ClientSide(self, rt)
@@ -206,6 +266,11 @@ class Sidecar:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        for rt in self.routes:
+            if rt.watch is not None:
+                rt.watch.close()
+        if self.registration is not None:
+            await asyncio.to_thread(self.registration.stop)  # deregister, bounded
         for rt in self.routes:
             if rt.server is not None:
                 rt.server.close()
@@ -238,13 +303,14 @@ class Sidecar:
 
     async def route_cancel(self, packet: bytes) -> None:
         """Send an app's CancelRequest to the server whose BackendKeyData it quotes."""
-        route = self.cancel_keys.get(packet[8:])
-        if route is None:
+        known = self.cancel_keys.get(packet[8:])
+        if known is None:
             log.info("cancel request with an unknown key ignored")
             return
+        route, address = known
         try:
             _reader, writer = await asyncio.wait_for(
-                _open_upstream(route), timeout=route.connect_timeout
+                _open_upstream(route, address), timeout=route.connect_timeout
             )
             writer.write(packet)
             await writer.drain()
@@ -252,7 +318,7 @@ class Sidecar:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
         except (OSError, TimeoutError, ssl.SSLError) as exc:
-            log.warning("cancel request to %s:%d failed: %s", *route.upstream, exc)
+            log.warning("cancel request to %s:%d failed: %s", *address, exc)
 
 
 class ClientSide(asyncio.Protocol):
@@ -273,6 +339,8 @@ class ClientSide(asyncio.Protocol):
         self._closed = False
         self._paused_by_delay = False
         self._key: bytes | None = None
+        self._address: tuple[str, int] = rt.route.upstream  # the server connected to
+        self._instance: Instance | None = None  # when picked from the catalog
 
     # asyncio callbacks
 
@@ -291,6 +359,9 @@ class ClientSide(asyncio.Protocol):
         self.rt.sessions.discard(self)
         if self._key is not None:
             self.sidecar.cancel_keys.pop(self._key, None)
+        if self._instance is not None and self.rt.picker is not None:
+            self.rt.picker.closed(self._instance)
+            self._instance = None
         if self.upstream is not None:
             self.upstream.close()
 
@@ -315,7 +386,7 @@ class ClientSide(asyncio.Protocol):
             transport.write(out)
         if s.backend_key is not None and self._key is None:
             self._key = s.backend_key
-            self.sidecar.cancel_keys[self._key] = self.rt.route
+            self.sidecar.cancel_keys[self._key] = (self.rt.route, self._address)
         up = self.upstream
         if up is not None and up.transport is not None and s.to_server:
             out, s.to_server = s.to_server, bytearray()
@@ -344,8 +415,52 @@ class ClientSide(asyncio.Protocol):
 
     async def _connect(self) -> None:
         route = self.rt.route
+        picker = self.rt.picker
+        if picker is None:
+            result = await self._connect_to(route.upstream)
+            if isinstance(result, str):
+                self._fail_upstream(
+                    f"cannot connect to upstream {route.service} at {_hp(*route.upstream)}: "
+                    f"{result}"
+                )
+            elif result is not None:
+                self._use(result)
+            return
+        # A catalog service: the next instance, and another one after a connect failure.
+        tried: set[Instance] = set()
+        reason = "no healthy instance in the catalog"
+        for _ in range(CONNECT_ATTEMPTS):
+            instance = picker.pick(time.monotonic(), frozenset(tried))
+            if instance is None:
+                break
+            tried.add(instance)
+            result = await self._connect_to(instance.address)
+            if result is None:
+                return
+            if isinstance(result, str):
+                reason = f"{instance}: {result}"
+                picker.failed(instance, time.monotonic())
+                log.warning(
+                    "route %s: instance %s ejected for %gs",
+                    route.service,
+                    instance,
+                    picker.service.eject_seconds,
+                )
+                continue
+            self._address, self._instance = instance.address, instance
+            picker.opened(instance)
+            self._use(result)
+            return
+        self._fail_upstream(
+            f"cannot connect to upstream {route.service} ({route.upstream_label}): {reason}"
+        )
+
+    async def _connect_to(self, address: tuple[str, int]) -> ServerSide | str | None:
+        """The connection to one server; a string saying why not; None when the app went
+        away meanwhile."""
+        route = self.rt.route
         loop = asyncio.get_running_loop()
-        host, port = route.upstream
+        host, port = address
         try:
             if route.tls.mode == "disable":
                 _, proto = await asyncio.wait_for(
@@ -354,18 +469,19 @@ class ClientSide(asyncio.Protocol):
                 )
             else:
                 proto = await asyncio.wait_for(
-                    _connect_tls(route, lambda: ServerSide(self)), timeout=route.connect_timeout
+                    _connect_tls(route, address, lambda: ServerSide(self)),
+                    timeout=route.connect_timeout,
                 )
         except (OSError, TimeoutError, ssl.SSLError, _TlsRefused) as exc:
             reason = _describe(exc, route.connect_timeout)
             log.warning("upstream %s at %s:%d unreachable: %s", route.service, host, port, reason)
-            self._fail_upstream(
-                f"cannot connect to upstream {route.service} at {host}:{port}: {reason}"
-            )
-            return
+            return reason
         if self._closed:
             proto.close()
-            return
+            return None
+        return proto
+
+    def _use(self, proto: ServerSide) -> None:
         self.upstream = proto
         self.pump()
 
@@ -480,13 +596,15 @@ class _TlsAnswer(asyncio.Protocol):
             )
 
 
-async def _connect_tls(route: Route, factory: Callable[[], ServerSide]) -> ServerSide:
+async def _connect_tls(
+    route: Route, address: tuple[str, int], factory: Callable[[], ServerSide]
+) -> ServerSide:
     loop = asyncio.get_running_loop()
-    transport, negotiation = await loop.create_connection(_TlsAnswer, *route.upstream)
+    transport, negotiation = await loop.create_connection(_TlsAnswer, *address)
     try:
         transport.write(_SSL_REQUEST)
         if _tls_accepted(await negotiation.answer, route):
-            server_name = route.tls.server_name or route.upstream[0]
+            server_name = route.tls.server_name or address[0]
             new = await loop.start_tls(
                 transport, negotiation, _tls_context(route.tls), server_hostname=server_name
             )
@@ -501,11 +619,13 @@ async def _connect_tls(route: Route, factory: Callable[[], ServerSide]) -> Serve
     return proto
 
 
-async def _open_upstream(route: Route) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection(*route.upstream)
+async def _open_upstream(
+    route: Route, address: tuple[str, int]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(*address)
     try:
         if route.tls.mode != "disable" and await _negotiate_tls(reader, writer, route):
-            server_name = route.tls.server_name or route.upstream[0]
+            server_name = route.tls.server_name or address[0]
             await writer.start_tls(_tls_context(route.tls), server_hostname=server_name)
     except BaseException:
         writer.close()

@@ -22,10 +22,12 @@ from mesh.api import (
     routes_consul,
     routes_metrics,
     routes_policies,
+    routes_quota,
 )
 from mesh.api.hub import PolicyWatch
 from mesh.api.metrics import MetricsMiddleware
 from mesh.api.state import ApiState, Settings, in_thread
+from mesh.quota import open_quota
 from mesh.store import Stores
 
 log = logging.getLogger("sluice.api")
@@ -39,6 +41,7 @@ def create_app(stores: Stores, settings: Settings) -> FastAPI:
         settings=settings,
         started=time.time(),
         watch=PolicyWatch(stores.policies.current_version()),
+        quota=open_quota(settings.quota, settings.quota_prefix),
     )
 
     @contextlib.asynccontextmanager
@@ -66,6 +69,7 @@ def create_app(stores: Stores, settings: Settings) -> FastAPI:
     app.include_router(routes_admin.router)
     app.include_router(routes_policies.router)
     app.include_router(routes_audit.router)
+    app.include_router(routes_quota.router)
     app.include_router(routes_metrics.router)  # GET /metrics, no token (docs/api.md)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     routes_consul.install(app, stores)  # Consul's API over the embedded catalog
@@ -76,6 +80,7 @@ async def shutdown(state: ApiState) -> None:
     """End blocking queries and live streams now, so the server can stop without waiting."""
     state.broker.close()
     await state.watch.close()
+    await state.quota.close()
 
 
 async def _retention(state: ApiState) -> None:

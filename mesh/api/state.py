@@ -16,6 +16,7 @@ from starlette.requests import Request
 
 from mesh.api.hub import AuditBroker, PolicyWatch
 from mesh.api.metrics import ApiMetrics
+from mesh.quota import QuotaBackend, open_quota
 from mesh.store import Stores
 
 T = TypeVar("T")
@@ -28,6 +29,8 @@ class Settings:
     audit_retention: float = 30 * DAY
     retention_interval: float = 3600.0
     version: str = "0"
+    quota: str | None = None  # quota backend: None (in-process) or a redis:// URL
+    quota_prefix: str = "sluice:quota:"  # Redis key prefix of the global buckets
 
 
 @dataclass
@@ -38,6 +41,7 @@ class ApiState:
     watch: PolicyWatch
     broker: AuditBroker = field(default_factory=AuditBroker)
     metrics: ApiMetrics = field(default_factory=ApiMetrics)
+    quota: QuotaBackend = field(default_factory=lambda: open_quota(None))
 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
