@@ -4,7 +4,9 @@ Semantics (docs/policies.md): deny overrides. A request is denied when any enfor
 rule matches; otherwise, when limit rules match, each must grant a token (the caller takes
 them; a granted limit permits the request); otherwise it is allowed when an allow rule
 matches or the default is allow. Dry-run rules (`enforce: false`) are evaluated too: the
-decision reports what they would have done (`action`) beside what is applied (`applied`).
+decision reports what they would have done (`action`) beside what is applied (`applied`);
+a dry-run limit rule hands over its ticket as well (`dry_limits`, a bucket of its own: key
+suffix `|dry`), which the caller checks without ever refusing or holding the request.
 A statement that does not parse is denied on a destination that has any deny rule.
 """
 
@@ -42,6 +44,9 @@ class Decision:
     rules:    ids of every rule that matched, in policy order (dry-run and audit included).
     rule:     the id of the rule that decided `action`, or None when a default or a parse
               error decided it.
+    limits:   tickets of the enforcing limit rules that matched (when `applied` is limit).
+    dry_limits: tickets of the dry-run limit rules that matched (when `action` is limit):
+              checked for the audit trail only (what they would have rejected or delayed).
     """
 
     action: Action
@@ -53,6 +58,7 @@ class Decision:
     reason: str
     limits: tuple[LimitTicket, ...] = ()
     audit: bool = False
+    dry_limits: tuple[LimitTicket, ...] = ()
 
     @property
     def enforced(self) -> bool:
@@ -71,6 +77,10 @@ class Decision:
             "limits": [
                 {"rule": t.rule_id, "key": t.key, "rate": t.limit.rate, "per": t.limit.per}
                 for t in self.limits
+            ],
+            "dry_limits": [
+                {"rule": t.rule_id, "key": t.key, "rate": t.limit.rate, "per": t.limit.per}
+                for t in self.dry_limits
             ],
             "audit": self.audit,
         }
@@ -124,6 +134,7 @@ def merge(decisions: Sequence[Decision]) -> Decision:
     action = max((d.action for d in decisions), key=_SEVERITY.__getitem__)
     rules = tuple(dict.fromkeys(r for d in decisions for r in d.rules))
     tickets = {(t.key): t for d in decisions for t in d.limits}
+    dry = {t.key: t for d in decisions for t in d.dry_limits}
     return Decision(
         action=action,
         applied=worst.applied,
@@ -134,6 +145,7 @@ def merge(decisions: Sequence[Decision]) -> Decision:
         reason=worst.reason,
         limits=tuple(tickets.values()) if worst.applied is Action.LIMIT else (),
         audit=any(d.audit for d in decisions),
+        dry_limits=tuple(dry.values()) if worst.applied is not Action.DENY else (),
     )
 
 
@@ -161,6 +173,9 @@ def _combine(peer: Peer, view: View, matched: list[CompiledRule]) -> Decision:
     tickets: tuple[LimitTicket, ...] = ()
     if applied is Action.LIMIT:
         tickets = tuple(_ticket(peer, r) for r in by)
+    dry: tuple[LimitTicket, ...] = ()
+    if action is Action.LIMIT:  # then `would` holds every limit rule that matched
+        dry = tuple(_ticket(peer, r, "|dry") for r in would if not r.rule.enforce)
     if deciding is not None:
         kind = "dry-run rule" if not deciding.rule.enforce else "rule"
         reason = f"{kind} {deciding.id} matched ({action.value})"
@@ -179,6 +194,7 @@ def _combine(peer: Peer, view: View, matched: list[CompiledRule]) -> Decision:
         reason=reason,
         limits=tickets,
         audit=any(r.rule.action is Action.AUDIT for r in matched),
+        dry_limits=dry,
     )
 
 
@@ -204,7 +220,7 @@ def _unparseable(view: View, error: str) -> Decision:
     return Decision(Action.DENY, applied, (), None, guard.rule.policy, None, reason)
 
 
-def _ticket(peer: Peer, r: CompiledRule) -> LimitTicket:
+def _ticket(peer: Peer, r: CompiledRule, suffix: str = "") -> LimitTicket:
     limit = r.rule.limit
     assert limit is not None  # the loader requires a limit for action: limit
     scope = limit.scope
@@ -216,4 +232,4 @@ def _ticket(peer: Peer, r: CompiledRule) -> LimitTicket:
         key = f"{r.id}|instance={peer.source_app}/{peer.source_instance}"
     else:
         key = f"{r.id}|destination={peer.destination}"
-    return LimitTicket(r.id, key, limit, r.rule.message)
+    return LimitTicket(r.id, key + suffix, limit, r.rule.message)

@@ -44,6 +44,8 @@ class AuditEvent:
     rows: int | None = None
     error: str | None = None  # SQLSTATE of a failure, ours (42501, 53400) or the server's
     policy_version: int = 0
+    # What a dry-run limit rule would have done to this statement: reject | delay, or None.
+    would: str | None = None
 
     def to_json(self) -> str:
         # Field by field: dataclasses.asdict deep-copies and costs several times more.

@@ -41,3 +41,12 @@ class Limiter:
         for t, b in zip(tickets, buckets, strict=True):
             b.reserve(now, t.limit.max_delay)
         return LimitOutcome(True, delay, None)
+
+    def would(self, tickets: tuple[LimitTicket, ...], now: float) -> str | None:
+        """Check dry-run tickets (the engine's `dry_limits`, keys of their own) as `take`
+        would: "reject", "delay", or None when granted. Never refuses or holds anything;
+        tokens are taken as an enforcing limit would, so the bucket tracks real traffic."""
+        outcome = self.take(tickets, now)
+        if not outcome.granted:
+            return "reject"
+        return "delay" if outcome.delay > 0 else None

@@ -6,7 +6,11 @@ ERR, result sets with or without EOF packets, several results of a multi-stateme
 a LOCAL INFILE request, a prepare's metadata), records each statement's outcome, and places
 the sidecar's own answers (`answer`) between the server's in the order the app asked.
 
-Bytes are forwarded as they came: a response is never rewritten, only read.
+Bytes are forwarded as they came, with one exception: when the session forwarded only the
+statements before a denied one of a multi-statement string, the last result of that prefix
+gets SERVER_MORE_RESULTS_EXISTS set and the sidecar's ERR follows it (the entry's `tail`;
+docs/decisions/0006, item 5). A server error inside the prefix ends the response there and
+the tail is dropped, as the server would have stopped there too.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ RESULT, PREPARE, FETCH, FIELDS, SIMPLE, AUTH, LOCAL = range(7)
 _FIRST, _COLUMNS, _COLUMNS_EOF, _ROWS, _SKIP = range(5)
 
 Prepared = tuple[str, tuple[StatementInfo, ...]]
+# The denied statement after a forwarded prefix: its run and the ERR payload it gets.
+Tail = tuple[Run, bytes]
 
 
 @dataclass(slots=True)
@@ -34,6 +40,7 @@ class Expected:
     runs: deque[Run | None] = field(default_factory=deque)
     local: bytes = b""
     prepared: Prepared | None = None
+    tail: Tail | None = None
 
 
 class Responses:
@@ -69,9 +76,13 @@ class Responses:
     # the session's side
 
     def expect(
-        self, kind: int, runs: list[Run | None] | None = None, prepared: Prepared | None = None
+        self,
+        kind: int,
+        runs: list[Run | None] | None = None,
+        prepared: Prepared | None = None,
+        tail: Tail | None = None,
     ) -> None:
-        self.pending.append(Expected(kind, deque(runs or ()), prepared=prepared))
+        self.pending.append(Expected(kind, deque(runs or ()), prepared=prepared, tail=tail))
 
     def answer(self, packet: bytes) -> None:
         """Our own answer to a command: now, or after the responses the app waits for."""
@@ -137,14 +148,14 @@ class Responses:
                 if first == my.EOF and end - start < (my.MAX_PACKET if self.deprecate_eof else 9):
                     status = self._terminator(buf, start, end)
                     rows = self._rows if kind in (RESULT, FETCH) else None
-                    return self._result_done(head, rows, status)
+                    return self._result_done(head, rows, status, buf, start, end)
                 self._rows += 1
                 return False
             if where == _FIRST:
                 if first == my.OK:
                     rows, status = my.ok_info(buf[start:end])
                     self.server_status(status)
-                    return self._result_done(head, rows, status)
+                    return self._result_done(head, rows, status, buf, start, end)
                 if first == my.ERR:
                     return self._error(head, buf, start, end)
                 if first == my.LOCAL_INFILE:
@@ -161,7 +172,8 @@ class Responses:
             # _COLUMNS_EOF
             status = my.eof_status(buf[start:end])
             if status & my.SERVER_STATUS_CURSOR_EXISTS:  # rows come with COM_STMT_FETCH
-                return self._result_done(head, None, status & ~my.SERVER_MORE_RESULTS_EXISTS)
+                status &= ~my.SERVER_MORE_RESULTS_EXISTS
+                return self._result_done(head, None, status, buf, start, end)
             self._where = _ROWS
             return False
         if kind == PREPARE:
@@ -204,7 +216,10 @@ class Responses:
         self.server_status(status)
         return status
 
-    def _result_done(self, head: Expected, rows: int | None, status: int) -> bool:
+    def _result_done(
+        self, head: Expected, rows: int | None, status: int, buf: bytearray, start: int, end: int
+    ) -> bool:
+        """A result ended with the OK/EOF packet `buf[start:end]` (status `status`)."""
         if head.runs:
             run = head.runs.popleft()
             if run is not None:
@@ -212,7 +227,22 @@ class Responses:
         if status & my.SERVER_MORE_RESULTS_EXISTS and head.kind == RESULT:
             self._where = _FIRST
             return False
+        if head.tail is not None:
+            self._then_deny(head, head.tail, buf, start, end)
         return self._done()
+
+    def _then_deny(self, head: Expected, tail: Tail, buf: bytearray, start: int, end: int) -> None:
+        """The forwarded prefix ran to its end: say more results follow, then our ERR."""
+        run, err = tail
+        head.tail = None
+        eof = buf[start] == my.EOF and not self.deprecate_eof
+        at = my.status_offset(buf, start, end, eof)
+        if at < 0:  # protocol 4.1 always sends the status; without it the ERR cannot follow
+            raise my.ProtocolError("result ends without status flags")
+        buf[at] |= my.SERVER_MORE_RESULTS_EXISTS  # a low-byte flag
+        self.record(run, None, my.err_fields(err).sqlstate)
+        seq = buf[start - 1]  # the header of the packet whose payload starts at `start`
+        self.pending.insert(1, Expected(LOCAL, local=my.packets(err, (seq + 1) & 0xFF)))
 
     def _error(self, head: Expected, buf: bytearray, start: int, end: int) -> bool:
         err = my.err_fields(buf[start:end])
@@ -229,6 +259,8 @@ class Responses:
         for run in head.runs:
             if run is not None:
                 self.record(run, None, "skipped")
+        if head.tail is not None:  # the server failed inside the prefix: no ERR of ours
+            self.record(head.tail[0], None, "skipped")
         self._where = _FIRST
         self._count = self._rows = 0
         return True

@@ -10,9 +10,11 @@ connects upstream as soon as the app connects.
   read for its capabilities and character set; authentication (any plugin: native password,
   caching_sha2 with its public-key exchange, ed25519, ...) passes through untouched until the
   server's OK or ERR. COM_CHANGE_USER re-enters that pass-through.
-- COM_QUERY: every statement is decided; if any is denied, the whole string is answered
-  with ERR 1142 / 42000 by the sidecar and not forwarded (MySQL does not abort a transaction
-  on an error, so a local ERR leaves the server where the server's own error would).
+- COM_QUERY: every statement is decided; if one is denied, the statements before it are
+  forwarded (cut at its span) and the sidecar's ERR 1142 / 42000 follows their results, as
+  the server's own error would; when the first is denied, the whole string is answered by
+  the sidecar and not forwarded (MySQL does not abort a transaction on an error, so a local
+  ERR leaves the server where the server's own error would). docs/decisions/0006, item 5.
   A rate-limit rejection is ERR 1226 / 42000; a delay holds the command.
 - COM_STMT_PREPARE is decided (deny only); the server's STMT_PREPARE_OK gives the statement
   id; every COM_STMT_EXECUTE of it is decided again (time windows, limits).
@@ -98,6 +100,8 @@ class MySqlSession(SessionAudit, rs.Responses):
         self._cin = bytearray()
         self._cseq = 0
         self._sql_prepared: dict[str, StatementInfo] = {}
+        self.multi_statements = False  # CLIENT_MULTI_STATEMENTS, or COM_SET_OPTION's
+        self._rewritten: bytes | None = None  # what goes upstream in place of the command
 
     # -- app -> server ----------------------------------------------------------------------
 
@@ -130,13 +134,17 @@ class MySqlSession(SessionAudit, rs.Responses):
                         raise my.ProtocolError("empty command packet")
                     if buf[pos + 3] != 0:
                         raise my.ProtocolError(f"command starts with sequence id {buf[pos + 3]}")
-                    if not self._command(payload, seq):  # answered here, not forwarded
+                    forward = self._command(payload, seq)  # False: answered here
+                    packet, self._rewritten = self._rewritten, None
+                    if not forward or self.wait or packet is not None:
                         out += buf[fwd:pos]
                         fwd = end
-                    elif self.wait:
-                        out += buf[fwd:pos]
-                        self._held = bytes(buf[pos:end])
-                        fwd = end
+                        if forward:
+                            packet = bytes(buf[pos:end]) if packet is None else packet
+                            if self.wait:
+                                self._held = packet
+                            else:
+                                out += packet
                 elif self._phase == _HANDSHAKE:
                     self._handshake(payload)
                 elif self.infile and not payload:  # the empty packet ends the file
@@ -172,6 +180,7 @@ class MySqlSession(SessionAudit, rs.Responses):
         self.client = hello = my.parse_handshake_response(payload)
         server_caps = self.greeting.capabilities if self.greeting else 0
         self.deprecate_eof = bool(hello.capabilities & server_caps & my.CLIENT_DEPRECATE_EOF)
+        self.multi_statements = bool(hello.capabilities & my.CLIENT_MULTI_STATEMENTS)
         self.encoding = my.collation_codec(hello.charset)
         self._phase = _AUTH
         self.expect(rs.AUTH)
@@ -198,6 +207,9 @@ class MySqlSession(SessionAudit, rs.Responses):
         elif com in _SIMPLE_COMMANDS:
             if com == my.COM_RESET_CONNECTION:
                 self._reset_statements()
+            elif com == my.COM_SET_OPTION and len(payload) >= 3:
+                option = payload[1] | payload[2] << 8
+                self.multi_statements = option == my.MYSQL_OPTION_MULTI_STATEMENTS_ON
             self.expect(rs.SIMPLE)
         elif com == my.COM_CHANGE_USER:
             self._reset_statements()
@@ -215,9 +227,16 @@ class MySqlSession(SessionAudit, rs.Responses):
         ctx = self.ctx
         now = ctx.clock()
         sql, statements, decision = self._decide_text(raw, now)
+        tail: rs.Tail | None = None
         if decision.applied is Action.DENY:
-            self._deny(sql, statements, decision, now, seq)
-            return False
+            cut = self._before_denial(raw, sql, statements, now, seq)
+            # The prefix is a text of its own, decided as one (in every reading).
+            first = self._decide_text(cut[0], now) if cut is not None else None
+            if cut is None or first is None or first[2].applied is Action.DENY:
+                self._deny(sql, statements, decision, now, seq)
+                return False
+            (sql, statements, decision), tail = first, cut[1]
+            self._rewritten = my.packets(bytes([my.COM_QUERY]) + cut[0], 0)
         outcome = self._limit(sql, statements, decision, now, seq)
         if outcome is None:
             return False
@@ -229,8 +248,42 @@ class MySqlSession(SessionAudit, rs.Responses):
             info = statements[0] if statements else None
             shape = ctx.decider.last_shape
             runs = [self._run(sql, info, decision, now, outcome, shape=shape)]
-        self.expect(rs.RESULT, runs)
+        self.expect(rs.RESULT, runs, tail=tail)
         return True
+
+    def _before_denial(
+        self, raw: bytes, sql: str, statements: tuple[StatementInfo, ...], now: float, seq: int
+    ) -> tuple[bytes, rs.Tail] | None:
+        """The text before the first denied statement and that statement's ERR, when the
+        server would run that prefix (docs/decisions/0006, item 5); None: refuse whole."""
+        if len(statements) < 2 or not self.multi_statements:
+            return None  # without multi-statements the server refuses the whole text
+        engine, peer = self.ctx.decider.engine, self.ctx.peer
+        k = 0
+        for info in statements:
+            d = engine.decide(peer, info, now)
+            if d.applied is Action.DENY or info.span is None:
+                break
+            k += 1
+        else:
+            return None  # only the statements together are denied
+        if k == 0 or info.span is None or d.applied is not Action.DENY:
+            return None
+        start, stop = info.span
+        prefix = self._prefix_bytes(raw, sql, start)
+        if (1 + len(prefix)) // my.MAX_PACKET != seq:
+            return None  # fewer packets: the server's sequence ids would not be the app's
+        text = sql.encode()[start:stop].decode()
+        run = Run(now, time.monotonic(), text, info, d, "deny")
+        err = my.err_payload(my.ER_TABLEACCESS_DENIED, DENIED_STATE, deny_text(d, info))
+        return prefix, (run, err)
+
+    def _prefix_bytes(self, raw: bytes, sql: str, utf8_offset: int) -> bytes:
+        """The bytes of `raw` before the statement at `utf8_offset` (a span start)."""
+        if self.encoding == "utf-8" or sql.isascii():
+            return raw[:utf8_offset]
+        # The other codecs read here (cp1252, latin-1) map one byte to one character.
+        return raw[: len(sql.encode()[:utf8_offset].decode())]
 
     def _prepare(self, raw: bytes, seq: int) -> bool:
         now = self.ctx.clock()

@@ -66,6 +66,7 @@ class Run:
     decision: Decision
     outcome: str  # allow | deny | reject | delay
     shape: str | None = None  # the text's constant-free shape: one masking per shape
+    would: str | None = None  # what a dry-run limit would have done: reject | delay | None
 
 
 class SessionAudit:
@@ -103,9 +104,12 @@ class SessionAudit:
         force: bool = False,
         shape: str | None = None,
     ) -> Run | None:
+        """The run of a statement that goes to the server (allowed or delayed): dry-run
+        limit tickets are checked here, once per statement that goes ahead."""
+        would = self.ctx.limiter.would(decision.dry_limits, now) if decision.dry_limits else None
         if not force and not self._wants(decision) and outcome == "allow":
             return None
-        return Run(now, time.monotonic(), sql, info, decision, outcome, shape)
+        return Run(now, time.monotonic(), sql, info, decision, outcome, shape, would)
 
     def _each_statement(
         self,
@@ -116,7 +120,10 @@ class SessionAudit:
         outcome: str,
     ) -> list[Run | None]:
         """One run per statement of a multi-statement string, each with its own decision
-        and text; all None when the string's decision is not audited."""
+        and text; all None when the string's decision is not audited. The string's dry-run
+        tickets are checked once, like its enforcing ones; the verdict goes to each
+        statement a dry-run limit matched."""
+        would = self.ctx.limiter.would(decision.dry_limits, now) if decision.dry_limits else None
         if not self._wants(decision):
             return [None] * len(statements)
         engine, peer = self.ctx.decider.engine, self.ctx.peer
@@ -125,7 +132,8 @@ class SessionAudit:
         for info in statements:
             text = raw[info.span[0] : info.span[1]].decode() if info.span else sql
             d = engine.decide(peer, info, now)
-            runs.append(Run(now, time.monotonic(), text, info, d, outcome))
+            w = would if d.dry_limits else None
+            runs.append(Run(now, time.monotonic(), text, info, d, outcome, None, w))
         return runs
 
     def record(self, run: Run, rows: int | None, error: str | None) -> None:
@@ -152,6 +160,7 @@ class SessionAudit:
             rows=rows,
             error=error,
             policy_version=ctx.policy_version(),
+            would=run.would,
         )
         ctx.sink.record(event)
 

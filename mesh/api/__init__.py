@@ -72,13 +72,16 @@ def create_app(stores: Stores, settings: Settings) -> FastAPI:
     app.include_router(routes_quota.router)
     app.include_router(routes_metrics.router)  # GET /metrics, no token (docs/api.md)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
-    routes_consul.install(app, stores)  # Consul's API over the embedded catalog
+    catalog = routes_consul.install(app, stores)  # Consul's API over the embedded catalog
+    state.releases.append(catalog.release)
     return app
 
 
 async def shutdown(state: ApiState) -> None:
     """End blocking queries and live streams now, so the server can stop without waiting."""
     state.broker.close()
+    for release in state.releases:
+        release()
     await state.watch.close()
     await state.quota.close()
 

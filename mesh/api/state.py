@@ -42,6 +42,8 @@ class ApiState:
     broker: AuditBroker = field(default_factory=AuditBroker)
     metrics: ApiMetrics = field(default_factory=ApiMetrics)
     quota: QuotaBackend = field(default_factory=lambda: open_quota(None))
+    # Called by `shutdown` to end other blocking queries at once (the Consul catalog's).
+    releases: list[Callable[[], None]] = field(default_factory=list)
 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:

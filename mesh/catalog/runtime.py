@@ -68,9 +68,15 @@ class EmbeddedCatalog:
         self._ticker = asyncio.create_task(self._expire_loop(), name="catalog-ttl")
         self._reconcile()
 
-    async def close(self) -> None:
+    def release(self) -> None:
+        """Shutting down: answer every blocking query now, with the current state, and any
+        later one at once (`sluice up` calls this on its signal, before uvicorn waits for
+        open requests; a watch held for minutes would otherwise outlast the grace period)."""
         self.closing = True
         self._notify()
+
+    async def close(self) -> None:
+        self.release()
         tasks = [t for _, t in self._runners.values()]
         if self._ticker is not None:
             tasks.append(self._ticker)

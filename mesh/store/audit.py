@@ -52,6 +52,7 @@ FIELDS: tuple[tuple[str, str, bool], ...] = (
     ("rows", "int?", False),
     ("error", "str?", False),
     ("policy_version", "int", False),
+    ("would", "str?", False),  # a dry-run limit's verdict: reject | delay | null
 )
 NAMES = tuple(name for name, _t, _r in FIELDS)
 _DEFAULTS: dict[str, object] = {
@@ -68,6 +69,7 @@ _DEFAULTS: dict[str, object] = {
     "rows": None,
     "error": None,
     "policy_version": 0,
+    "would": None,
 }
 _LIST_FIELDS = frozenset({"rules", "verbs", "tables"})
 TAG_KINDS = ("verb", "table", "rule")

@@ -112,6 +112,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE TABLE catalog_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
     """,
+    # 3: what a dry-run limit rule would have done to the statement (reject | delay | NULL).
+    """
+    ALTER TABLE events ADD COLUMN would TEXT;
+    """,
 )
 
 

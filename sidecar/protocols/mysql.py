@@ -68,6 +68,8 @@ COM_STMT_RESET = 0x1A
 COM_SET_OPTION = 0x1B
 COM_STMT_FETCH = 0x1C
 COM_RESET_CONNECTION = 0x1F
+# COM_SET_OPTION's options.
+MYSQL_OPTION_MULTI_STATEMENTS_ON = 0
 
 # Packet headers.
 OK, EOF, ERR, LOCAL_INFILE = 0x00, 0xFE, 0xFF, 0xFB
@@ -107,9 +109,13 @@ def packets(payload: bytes, seq: int) -> bytes:
 
 def err_packet(seq: int, code: int, sqlstate: str, message: str) -> bytes:
     """An ERR packet (protocol 4.1 form, with the SQLSTATE marker)."""
+    return packets(err_payload(code, sqlstate, message), seq)
+
+
+def err_payload(code: int, sqlstate: str, message: str) -> bytes:
+    """The payload of an ERR packet, to be framed later (`packets`)."""
     text = message.encode("utf-8", "replace")[:8000]
-    body = b"\xff" + struct.pack("<H", code) + b"#" + sqlstate.encode("ascii")[:5] + text
-    return packets(body, seq)
+    return b"\xff" + struct.pack("<H", code) + b"#" + sqlstate.encode("ascii")[:5] + text
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +157,17 @@ def ok_info(payload: bytes | bytearray) -> tuple[int, int]:
     if pos + 2 > end:
         return rows, 0
     return rows, payload[pos] | payload[pos + 1] << 8
+
+
+def status_offset(buf: bytes | bytearray, start: int, end: int, eof: bool) -> int:
+    """Where the status flags of the OK (`eof` False, header 0x00 or 0xFE) or EOF packet
+    whose payload is `buf[start:end]` are, or -1 when it has none."""
+    if eof:
+        at = start + 3  # after the header and the warning count
+    else:
+        _, pos = lenenc_int(buf, start + 1, end)  # affected rows
+        _, at = lenenc_int(buf, pos, end)  # last insert id
+    return at if at + 2 <= end else -1
 
 
 def eof_status(payload: bytes | bytearray) -> int:

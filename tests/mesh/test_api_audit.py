@@ -39,6 +39,7 @@ def event(n: int, tag: str, **over: Any) -> dict[str, Any]:
         "rows": 1,
         "error": None,
         "policy_version": 1,
+        "would": None,
     }
     e.update(over)
     return e
@@ -100,6 +101,20 @@ def test_ingest_round_trips_and_drops_duplicates(
     assert len(got["events"]) == 22 and got["next_cursor"] is None
     by_id = {e["id"]: e for e in got["events"]}
     assert by_id[loaded[16]["id"]] == loaded[16]  # every field as sent
+
+
+def test_dry_run_verdict_round_trips_and_older_events_default_it(
+    admin: httpx.Client, tag: str
+) -> None:
+    older = event(1, tag)
+    del older["would"]  # a sidecar from before the field
+    dry = event(2, tag, decision="allow", action="limit", enforced=False, would="reject")
+    assert ingest(admin, [older, dry]) == {"accepted": 2, "duplicates": 0}
+    got = admin.get("/v1/audit/events", params={"app": f"{tag}-billing"}).json()["events"]
+    assert {e["id"]: e["would"] for e in got} == {older["id"]: None, dry["id"]: "reject"}
+    assert [e for e in got if e["id"] == dry["id"]] == [dry]
+    r = admin.post("/v1/audit/events", json={"events": [event(3, tag, would=3)]})
+    assert r.status_code == 422 and "would" in r.text
 
 
 def test_every_filter(admin: httpx.Client, loaded: list[dict[str, Any]], tag: str) -> None:

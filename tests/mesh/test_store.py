@@ -24,7 +24,7 @@ def test_fields_are_the_sidecars_audit_event() -> None:
 def test_a_sidecar_event_round_trips(tmp_path: Path) -> None:
     e = AuditEvent(
         "i-1-1", 1.5, "billing", "i", "orders-db", "s", "postgres", "deny", "deny", True,
-        ("g/r",), "g/r", ("DROP",), ("t",), "DROP TABLE t", 0.2, None, "42501", 3,
+        ("g/r",), "g/r", ("DROP",), ("t",), "DROP TABLE t", 0.2, None, "42501", 3, "delay",
     )  # fmt: skip
     stores = Stores.open(tmp_path)
     fresh, dups = stores.audit.ingest([json.loads(e.to_json())])

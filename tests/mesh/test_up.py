@@ -180,3 +180,32 @@ def test_ctrl_c_ends_blocking_queries_and_streams_at_once(fresh: ControlPlane) -
         t.join(10)
     assert len(done) == 2 and max(done) - start < 3.0
     assert shutil.which(SLUICE)
+
+
+def test_sigterm_answers_a_held_catalog_watch_and_exits_at_once(fresh: ControlPlane) -> None:
+    import consul  # the client sidecars and meshdns watch the catalog with
+
+    fresh.start()
+    host, port = fresh.url.removeprefix("http://").rsplit(":", 1)
+    client = consul.Consul(
+        host=host, port=int(port), token=fresh.admin_token, connections_timeout=30
+    )
+    index, _ = client.catalog.services()
+    answers: list[tuple[str, object]] = []
+
+    def watch() -> None:
+        try:
+            answers.append(("ok", client.catalog.services(index=index, wait="300s")))
+        except Exception as exc:  # a 500 from a timed-out graceful shutdown lands here
+            answers.append(("error", exc))
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    time.sleep(0.5)
+    assert not answers  # held open
+    start = time.monotonic()
+    code = fresh.stop()
+    elapsed = time.monotonic() - start
+    thread.join(10)
+    assert code == 0 and elapsed < 2.0, (code, elapsed)
+    assert answers and answers[0][0] == "ok", answers  # the current state, not a 500

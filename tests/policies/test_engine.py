@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies.attributes import HttpRequest, Peer
-from policies.engine import Engine
+from policies.engine import Engine, merge
 from policies.explain import explain
 from policies.loader import load_texts
 from policies.spec import Action
@@ -100,6 +100,48 @@ def test_limit_tickets_carry_the_scope_key() -> None:
     assert ticket.key == "guard/billing-inserts|app=billing" and ticket.limit.burst == 50
     other = e.decide(Peer("web", "orders-db"), sql("INSERT", tables=("orders",)), NOON)
     assert other.action is Action.ALLOW  # the limit is only for billing
+
+
+DRY_LIMIT = """\
+    apiVersion: sluice/v1
+    kind: Policy
+    metadata: {name: trial}
+    spec:
+      destination: orders-db
+      rules:
+        - name: hard
+          sql: {verbs: [UPDATE]}
+          action: limit
+          limit: {rate: 5, per: 1s, scope: source-app}
+        - name: soft
+          sql: {verbs: [INSERT, UPDATE]}
+          action: limit
+          limit: {rate: 2, per: 1s, scope: source-app}
+          enforce: false
+        - name: no-drop
+          sql: {verbs: [DROP]}
+          action: deny
+    """
+
+
+def test_dry_run_limits_hand_over_their_own_tickets() -> None:
+    e = engine(DRY_LIMIT)
+    d = e.decide(BILLING, sql("INSERT"), NOON)
+    assert (d.action, d.applied, d.enforced) == (Action.LIMIT, Action.ALLOW, False)
+    assert d.limits == ()
+    (dry,) = d.dry_limits
+    assert dry.rule_id == "trial/soft" and dry.key == "trial/soft|app=billing|dry"
+    # Beside an enforcing limit: each in its own field, the dry bucket apart.
+    both = e.decide(BILLING, sql("UPDATE"), NOON)
+    assert [t.key for t in both.limits] == ["trial/hard|app=billing"]
+    assert [t.key for t in both.dry_limits] == ["trial/soft|app=billing|dry"]
+    assert both.to_json()["dry_limits"] == [
+        {"rule": "trial/soft", "key": "trial/soft|app=billing|dry", "rate": 2.0, "per": 1.0}
+    ]
+    # Nothing to check when the statement is denied, or when no dry limit matched.
+    assert merge([d, e.decide(BILLING, sql("DROP"), NOON)]).dry_limits == ()
+    assert merge([d, both]).dry_limits == (dry,)  # one token per key for the string
+    assert e.decide(BILLING, sql("SELECT"), NOON).dry_limits == ()
 
 
 def test_audit_rule_flags_without_changing_outcome() -> None:

@@ -145,14 +145,50 @@ def test_denial_behind_a_pending_response_waits_its_turn() -> None:
     assert not s.pending
 
 
-def test_multi_packet_query_is_reassembled_and_decided() -> None:
+def test_multi_packet_query_is_reassembled_and_its_allowed_prefix_runs() -> None:
     s = _session()
-    sql = "SELECT '" + "x" * my.MAX_PACKET + "'; DROP TABLE t"
-    s.client_data(query(sql))
-    assert s.to_server == b""
-    err = bytes(s.to_client)
-    assert err[3] == 2  # after two packets with sequence ids 0 and 1
+    assert s.multi_statements  # the captured PyMySQL handshake asks for them
+    head = "SELECT '" + "x" * my.MAX_PACKET + "'; "
+    s.client_data(query(head + "DROP TABLE t"))
+    assert s.to_server == query(head)  # two packets still: sequence ids 0 and 1
+    assert s.to_client == b""
+    ok = my.packets(b"\x00\x00\x00\x02\x00\x00\x00", 2)  # no more results
+    s.server_data(ok)
+    out = bytes(s.to_client)
+    assert out[: len(ok)] == my.packets(b"\x00\x00\x00\x0a\x00\x00\x00", 2)  # now: more
+    err = out[len(ok) :]
+    assert err[3] == 3  # after the server's last packet
     assert my.err_fields(err[4:]).code == my.ER_TABLEACCESS_DENIED
+    assert not s.pending
+
+
+def test_server_error_inside_the_prefix_drops_the_sidecars_error() -> None:
+    s = _session()
+    s.client_data(query("SELECT * FROM nope; DROP TABLE t; SELECT 1"))
+    assert s.to_server == query("SELECT * FROM nope; ")
+    server_err = my.err_packet(1, 1146, "42S02", "Table 'nope' doesn't exist")
+    s.server_data(server_err)
+    assert s.to_client == server_err and not s.pending
+    assert isinstance(s.ctx.sink, MemorySink)
+    assert [(e.decision, e.error) for e in s.ctx.sink.events] == [
+        ("allow", "42S02"),
+        ("deny", "skipped"),
+    ]
+
+
+def test_denied_first_statement_or_no_multi_statements_refuses_the_whole_text() -> None:
+    s = _session()
+    s.client_data(query("DROP TABLE t; SELECT 1"))
+    assert s.to_server == b""
+    assert my.err_fields(bytes(s.to_client[4:])).code == my.ER_TABLEACCESS_DENIED
+    s.to_client.clear()
+    s.client_data(my.packets(b"\x1b\x01\x00", 0))  # COM_SET_OPTION: multi-statements off
+    s.server_data(my.packets(b"\xfe\x00\x00\x02\x00", 1))
+    s.to_client.clear()
+    s.to_server.clear()
+    s.client_data(query("SELECT 1; DROP TABLE t"))
+    assert s.to_server == b""
+    assert my.err_fields(bytes(s.to_client[4:])).code == my.ER_TABLEACCESS_DENIED
 
 
 @pytest.mark.parametrize(
@@ -187,3 +223,26 @@ def test_ansi_quotes_reading_is_checked_too() -> None:
     s.client_data(query('SELECT "a\\"; DROP TABLE t; -- "'))
     assert s.to_server == b""
     assert my.err_fields(bytes(s.to_client[4:])).code == my.ER_TABLEACCESS_DENIED
+
+
+@pytest.mark.parametrize("deprecate_eof", [False, True])
+def test_prefix_ending_in_a_result_set_flags_its_terminator(deprecate_eof: bool) -> None:
+    s = _session()
+    s.deprecate_eof = deprecate_eof
+    s.client_data(query("SELECT 1; DROP TABLE t"))
+    assert s.to_server == query("SELECT 1; ")
+    column = b"\x03def\x00\x00\x00\x011\x00\x0c\x3f\x00\x01\x00\x00\x00\x08\x81\x00\x00\x00\x00"
+    eof = b"\xfe\x00\x00\x02\x00" if not deprecate_eof else b"\xfe\x00\x00\x02\x00\x00\x00"
+    parts = [b"\x01", column] + ([] if deprecate_eof else [b"\xfe\x00\x00\x02\x00"])
+    parts += [b"\x011", eof]
+    response = b"".join(my.packets(p, i + 1) for i, p in enumerate(parts))
+    for b in response:
+        s.server_data(bytes([b]))
+    out = bytes(s.to_client)
+    flagged = bytearray(response)
+    flagged[-2 if not deprecate_eof else -4] |= my.SERVER_MORE_RESULTS_EXISTS
+    assert out[: len(response)] == flagged
+    err = out[len(response) :]
+    assert err[3] == len(parts) + 1
+    assert my.err_fields(err[4:]).code == my.ER_TABLEACCESS_DENIED
+    assert not s.pending

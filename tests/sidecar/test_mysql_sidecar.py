@@ -146,9 +146,8 @@ def test_pymysql_deny_answers_1142_and_the_session_continues(start_mysql, db: st
         "/*M!100000 DROP TABLE keep */",
         "DELETE FROM keep /*!99999 WHERE id = 1 */",
         "DELETE FROM keep /*M!999999 WHERE id = 1 */",
-        "SELECT 1; DROP TABLE keep",
-        "UPDATE keep SET v = 'x' WHERE id = 1; DELETE FROM keep",
-        "PREPARE s FROM 'DELETE FROM keep'; EXECUTE s",
+        "DROP TABLE keep; SELECT 1",
+        "/*!50000 SELECT 1; DROP TABLE keep */",
     ],
 )
 def test_executable_comments_and_multi_statements_seen_as_the_server_sees_them(
@@ -165,6 +164,86 @@ def test_executable_comments_and_multi_statements_seen_as_the_server_sees_them(
     assert truth(db, "SELECT id, v FROM keep ORDER BY id") == tuple(
         (i, f"v{i}") for i in range(1, 6)
     )
+
+
+def results_until_error(cur: pymysql.cursors.Cursor, sql: str) -> tuple[list[object], object]:
+    """What the app sees of a multi-statement string: each result, then the error if any."""
+    seen: list[object] = []
+    try:
+        cur.execute(sql)
+        seen.append((cur.rowcount, cur.fetchall()))
+        while cur.nextset():
+            seen.append((cur.rowcount, cur.fetchall()))
+    except pymysql.MySQLError as exc:
+        return seen, exc.args[0]
+    return seen, None
+
+
+MULTI = [
+    "UPDATE keep SET v = 'a' WHERE id = 1; {}; UPDATE keep SET v = 'b' WHERE id = 2",
+    "UPDATE keep SET v = 'a' WHERE id = 1; SELECT v FROM keep WHERE id < 3 ORDER BY id;\n"
+    "  -- the next one\n  {}; UPDATE keep SET v = 'b' WHERE id = 2",
+    "SELECT 'é' AS e; UPDATE keep SET v = 'a' WHERE id = 1; {}; SELECT 2",
+]
+
+
+@pytest.mark.parametrize("template", MULTI)
+@pytest.mark.parametrize("charset", ["utf8mb4", "latin1"])
+def test_multi_statement_runs_up_to_the_denied_statement_like_a_server_error(
+    start_mysql, db: str, template: str, charset: str
+) -> None:
+    """`a; DENIED; b` through the sidecar looks like `a; <failing>; b` direct: the same
+    results, then an error, the same rows changed, and the connection goes on."""
+    with _direct(db, client_flag=CLIENT.MULTI_STATEMENTS, charset=charset) as c:
+        native, code = results_until_error(c.cursor(), template.format("SELECT * FROM nope"))
+        assert code == 1146
+        with c.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchall() == ((1,),)
+    changed = truth(db, "SELECT id, v FROM keep ORDER BY id")
+    with _direct(db) as c, c.cursor() as cur:
+        cur.execute("UPDATE keep SET v = CONCAT('v', id)")
+    sc = start_mysql()
+    with connect(sc, db, client_flag=CLIENT.MULTI_STATEMENTS, charset=charset) as c:
+        seen, code = results_until_error(c.cursor(), template.format("DROP TABLE keep"))
+        assert (seen, code) == (native, 1142)
+        with c.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchall() == ((1,),)
+    assert truth(db, "SELECT id, v FROM keep ORDER BY id") == changed
+    assert changed[:2] == ((1, "a"), (2, "v2"))
+    events = sc.events(lambda es: any(e.decision == "deny" for e in es))
+    denied = [e for e in events if e.decision == "deny"]
+    assert [(e.verbs, e.tables, e.error) for e in denied] == [(("DROP",), ("keep",), "42000")]
+
+
+def test_multi_statement_failing_before_the_denied_one_shows_only_the_servers_error(
+    start_mysql, db: str
+) -> None:
+    sql = "UPDATE keep SET v = 'a' WHERE id = 1; SELECT * FROM nope; DROP TABLE keep; SELECT 2"
+    sc = start_mysql()
+    with connect(sc, db, client_flag=CLIENT.MULTI_STATEMENTS) as c:
+        seen, code = results_until_error(c.cursor(), sql)
+        assert (seen, code) == ([(1, [])], 1146)
+        with c.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchall() == ((1,),)
+    assert truth(db, "SELECT v FROM keep WHERE id = 1") == (("a",),)
+    assert truth(db) == ((5,),)
+    events = sc.events(lambda es: any(e.decision == "deny" for e in es))
+    denied = [e for e in events if e.decision == "deny"]
+    assert [(e.statement, e.error) for e in denied] == [("DROP TABLE keep", "skipped")]
+
+
+def test_multi_statement_prepare_then_denied_execute(start_mysql, db: str) -> None:
+    sc = start_mysql()
+    with connect(sc, db, client_flag=CLIENT.MULTI_STATEMENTS) as c, c.cursor() as cur:
+        seen, code = results_until_error(cur, "PREPARE s FROM 'DELETE FROM keep'; EXECUTE s")
+        assert (seen, code) == ([(0, [])], 1142)
+        with pytest.raises(pymysql.MySQLError) as info:
+            cur.execute("EXECUTE s")  # prepared by the prefix, known to the sidecar
+        assert info.value.args[0] == 1142
+    assert truth(db) == ((5,),)
 
 
 def test_version_comment_the_server_skips_is_allowed_and_runs(start_mysql, db: str) -> None:

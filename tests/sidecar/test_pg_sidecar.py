@@ -511,3 +511,43 @@ def test_pipelined_setting_change_cannot_hide_a_statement(start_sidecar, db: str
         replies = _read_until_ready(raw, 2)
         assert b"42501" in replies
     assert keep_rows(db) == 5
+
+
+DRY_LIMIT = textwrap.dedent(
+    """\
+    apiVersion: sluice/v1
+    kind: Policy
+    metadata: {name: trial}
+    spec:
+      destination: orders-db
+      rules:
+        - name: few-inserts
+          sql: {verbs: [INSERT], tables: [limited]}
+          action: limit
+          limit: {rate: 2, per: 1s, burst: 2, scope: source-app}
+          enforce: false
+    """
+)
+
+
+def test_dry_run_limit_lets_everything_through_and_audits_the_excess(
+    start_sidecar, db: str
+) -> None:
+    sc = start_sidecar(DRY_LIMIT)
+    with psycopg.connect(**sc.dsn(db), autocommit=True) as c:
+        for i in range(6):
+            c.execute("INSERT INTO limited VALUES (%s)", (i,))
+        assert c.execute("SELECT count(*) FROM limited").fetchone() == (6,)
+    inserts = [
+        e
+        for e in sc.events(lambda ev: sum("INSERT" in e.verbs for e in ev) >= 6)
+        if "INSERT" in e.verbs
+    ]
+    assert len(inserts) == 6
+    assert {(e.decision, e.action, e.enforced) for e in inserts} == {("allow", "limit", False)}
+    # Burst 2, then 2/s: the first two fit, most of the rest would have been rejected.
+    assert [e.would for e in inserts[:2]] == [None, None]
+    assert sum(e.would == "reject" for e in inserts[2:]) >= 3
+    assert all(e.rule == "trial/few-inserts" for e in inserts)
+    (select,) = [e for e in sc.events() if "SELECT" in e.verbs]
+    assert select.would is None

@@ -170,3 +170,14 @@ def test_a_sidecar_leases_with_a_control_plane_and_limits_locally_without(
     alone = Sidecar(SidecarConfig("billing", "billing-1", (str(policy),), (route,)))
     assert type(alone.limiter) is Limiter
     assert all(rt.ctx.limiter is alone.limiter for rt in alone.routes)
+
+
+def test_dry_run_tickets_report_what_they_would_have_done() -> None:
+    local = Limiter()
+    reject = ticket(Scope.SOURCE_INSTANCE, burst=2)
+    assert [local.would((reject,), 0.0) for _ in range(3)] == [None, None, "reject"]
+    paced = ticket(Scope.SOURCE_INSTANCE, OnExceed.DELAY, burst=1, key="paced|dry")
+    assert [local.would((paced,), 0.0) for _ in range(2)] == [None, "delay"]
+    q, leased = limiter(), ticket()  # a mesh-wide dry key is leased like any other
+    assert [q.would((leased,), 0.0) for _ in range(2)] == [None, "reject"]
+    assert leased.key in q.leases
