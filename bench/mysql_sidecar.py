@@ -31,7 +31,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import check, flush, table
+from common import check, flush, guard_policy, table, write_policy_file
 from pg_sidecar import SIDECAR, Target, cpu_ticks, free_port, start, stop
 
 HOST, PORT, USER, DB = "127.0.0.1", 3306, "root", "sluice_sysbench"
@@ -54,55 +54,16 @@ class Run:
 
 # --- the policy set -------------------------------------------------------------------------
 
-OTHER_TABLES = ("orders", "order_items", "customers", "invoices", "shipments", "refunds")
-
-
-def policy_yaml() -> str:
-    """24 rules on orders-db: what a real guard holds, none denying sysbench's statements."""
-    rules = [
-        "- {name: no-drop-truncate, sql: {verbs: [DROP, TRUNCATE]}, action: deny}",
-        "- {name: no-unbounded-writes, sql: {verbs: [DELETE, UPDATE], where: absent}, action: deny}",
-        "- {name: night-freeze, sql: {verbs: [DELETE], tables: ['sbtest*']}, when: {time: '01:00-03:00'}, action: deny}",
-        "- {name: weekday-ddl, sql: {verbs: [ALTER, CREATE]}, when: {time: '08:00-18:00', days: [mon, tue, wed, thu, fri]}, action: deny}",
-        "- {name: weekend-ddl, sql: {verbs: [ALTER]}, when: {time: '00:00-06:00', days: [sat, sun]}, action: deny}",
-        "- {name: audit-grants, sql: {verbs: [GRANT, REVOKE]}, action: audit}",
-        "- {name: audit-load, sql: {verbs: [LOAD]}, action: audit}",
-        "- {name: no-lock, sql: {verbs: [LOCK]}, action: deny}",
-        "- {name: no-opaque-at-night, sql: {verbs: [CALL, DO]}, when: {time: '22:00-06:00'}, action: deny}",
-        "- {name: reporting-read-only, from: [reporting], sql: {verbs: [INSERT, UPDATE, DELETE]}, action: deny}",
-        "- {name: analytics-budget, from: [analytics], sql: {verbs: [SELECT], tables: ['sbtest*']}, action: limit, limit: {rate: 50}}",
-        "- {name: batch-off-hours, from: ['batch-*'], sql: {verbs: [SELECT]}, when: {time: '08:00-18:00'}, action: deny}",
-        "- {name: web-deletes, from: [web], sql: {verbs: [DELETE]}, action: audit}",
-        "- {name: billing-no-ddl, from: [billing], sql: {verbs: [CREATE, ALTER, DROP]}, action: deny}",
-        "- {name: dry-run-sbtest4, sql: {verbs: [DELETE], tables: [sbtest4]}, action: deny, enforce: false}",
-    ]
-    for i, name in enumerate(OTHER_TABLES):
-        verbs = ("INSERT", "UPDATE", "SELECT")[i % 3]
-        rules.append(
-            f"- {{name: {name}-budget, sql: {{verbs: [{verbs}], tables: [{name}]}}, "
-            f"action: limit, limit: {{rate: 100000, burst: 100000}}}}"
-        )
-    rules += [
-        "- {name: orders-delete-window, sql: {verbs: [DELETE], tables: [orders, order_items]}, when: {time: '12:00-13:00'}, action: deny}",
-        "- {name: customers-pii, from: [web, reporting], sql: {verbs: [SELECT], tables: [customers]}, action: audit}",
-        "- {name: invoices-immutable, sql: {verbs: [UPDATE, DELETE], tables: [invoices]}, action: deny}",
-    ]
-    head = (
-        "apiVersion: sluice/v1\nkind: Policy\nmetadata: {name: orders-db-sysbench}\n"
-        "spec:\n  destination: orders-db\n  timezone: UTC\n  rules:\n"
-    )
-    return head + "".join(f"    {r}\n" for r in rules)
-
 
 def write_policies(tmp: Path) -> Path:
-    path = tmp / "policies.yaml"
-    path.write_text(policy_yaml())
-    argv = [str(SIDECAR), "policy", "check", str(path)]
-    out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
-    if out.returncode != 0:
-        raise SystemExit(f"generated policy set rejected:\n{out.stdout}{out.stderr}")
-    print(f"policy set: {(out.stdout + out.stderr).strip()}")
-    return path
+    text = guard_policy(
+        "orders-db-sysbench",
+        bench_tables="sbtest*",
+        dry_run_table="sbtest4",
+        audit_verb="LOAD",
+        write_verbs="INSERT, UPDATE, DELETE",
+    )
+    return write_policy_file(tmp, text, SIDECAR)
 
 
 # --- database and processes -----------------------------------------------------------------

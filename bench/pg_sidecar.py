@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import REPO, check, flush, percentile, table
+from common import REPO, check, flush, guard_policy, percentile, table, write_policy_file
 
 PG_HOST, PG_PORT, PG_USER, DB = "127.0.0.1", 5432, "postgres", "sluice_bench"
 CLIENTS, THREADS, SCALE = 8, 2, 10
@@ -73,56 +73,16 @@ class Run:
 
 # --- the policy set -------------------------------------------------------------------------
 
-OTHER_TABLES = ("orders", "order_items", "customers", "invoices", "shipments", "refunds")
-
-
-def policy_yaml() -> str:
-    """24 rules on orders-db: what a real guard holds, none of them about SELECT from bench."""
-    rules = [
-        "- {name: no-drop-truncate, sql: {verbs: [DROP, TRUNCATE]}, action: deny}",
-        "- {name: no-unbounded-writes, sql: {verbs: [DELETE, UPDATE], where: absent}, action: deny}",
-        "- {name: night-freeze, sql: {verbs: [DELETE], tables: ['pgbench_*']}, when: {time: '01:00-03:00'}, action: deny}",
-        "- {name: weekday-ddl, sql: {verbs: [ALTER, CREATE]}, when: {time: '08:00-18:00', days: [mon, tue, wed, thu, fri]}, action: deny}",
-        "- {name: weekend-ddl, sql: {verbs: [ALTER]}, when: {time: '00:00-06:00', days: [sat, sun]}, action: deny}",
-        "- {name: audit-grants, sql: {verbs: [GRANT, REVOKE]}, action: audit}",
-        "- {name: audit-copy, sql: {verbs: [COPY]}, action: audit}",
-        "- {name: no-lock, sql: {verbs: [LOCK]}, action: deny}",
-        "- {name: no-opaque-at-night, sql: {verbs: [CALL, DO]}, when: {time: '22:00-06:00'}, action: deny}",
-        "- {name: reporting-read-only, from: [reporting], sql: {verbs: [INSERT, UPDATE, DELETE, MERGE]}, action: deny}",
-        "- {name: analytics-budget, from: [analytics], sql: {verbs: [SELECT], tables: ['pgbench_*']}, action: limit, limit: {rate: 50}}",
-        "- {name: batch-off-hours, from: ['batch-*'], sql: {verbs: [SELECT]}, when: {time: '08:00-18:00'}, action: deny}",
-        "- {name: web-deletes, from: [web], sql: {verbs: [DELETE]}, action: audit}",
-        "- {name: billing-no-ddl, from: [billing], sql: {verbs: [CREATE, ALTER, DROP]}, action: deny}",
-        "- {name: dry-run-history, sql: {verbs: [DELETE], tables: [pgbench_history]}, action: deny, enforce: false}",
-    ]
-    for i, name in enumerate(OTHER_TABLES):
-        verbs = ("INSERT", "UPDATE", "SELECT")[i % 3]
-        rules.append(
-            f"- {{name: {name}-budget, sql: {{verbs: [{verbs}], tables: [{name}]}}, "
-            f"action: limit, limit: {{rate: 100000, burst: 100000}}}}"
-        )
-    rules += [
-        "- {name: orders-delete-window, sql: {verbs: [DELETE], tables: [orders, order_items]}, when: {time: '12:00-13:00'}, action: deny}",
-        "- {name: customers-pii, from: [web, reporting], sql: {verbs: [SELECT], tables: [customers]}, action: audit}",
-        "- {name: invoices-immutable, sql: {verbs: [UPDATE, DELETE], tables: [invoices]}, action: deny}",
-    ]
-    head = (
-        "apiVersion: sluice/v1\nkind: Policy\nmetadata: {name: orders-db-bench}\n"
-        "spec:\n  destination: orders-db\n  timezone: UTC\n  rules:\n"
-    )
-    return head + "".join(f"    {r}\n" for r in rules)
-
 
 def write_policies(tmp: Path) -> Path:
-    path = tmp / "policies.yaml"
-    path.write_text(policy_yaml())
-    out = subprocess.run(
-        [str(SIDECAR), "policy", "check", str(path)], capture_output=True, text=True, check=False
+    text = guard_policy(
+        "orders-db-bench",
+        bench_tables="pgbench_*",
+        dry_run_table="pgbench_history",
+        audit_verb="COPY",
+        write_verbs="INSERT, UPDATE, DELETE, MERGE",
     )
-    if out.returncode != 0:
-        raise SystemExit(f"generated policy set rejected:\n{out.stdout}{out.stderr}")
-    print(f"policy set: {(out.stdout + out.stderr).strip()}")
-    return path
+    return write_policy_file(tmp, text, SIDECAR)
 
 
 # --- database and processes -----------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from pglast import parser
@@ -159,20 +160,7 @@ def _statements(stmts: list[Node], total: int) -> Iterator[StatementInfo]:
 
 
 def _with_span(info: StatementInfo, span: tuple[int, int]) -> StatementInfo:
-    return StatementInfo(
-        verb=info.verb,
-        verbs=info.verbs,
-        tables=info.tables,
-        no_where=info.no_where,
-        opaque=info.opaque,
-        deferred=info.deferred,
-        error=info.error,
-        prepare_name=info.prepare_name,
-        body=info.body,
-        execute_name=info.execute_name,
-        deallocate_name=info.deallocate_name,
-        span=span,
-    )
+    return replace(info, span=span)
 
 
 def _inspect_node(stmt: Node) -> StatementInfo:
