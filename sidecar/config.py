@@ -8,14 +8,19 @@ routes). Validation errors name file:line:col, like policy errors.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
 from policies.errors import PolicyError, Problem
 from policies.yamlread import Invalid, Reader, boolean, choice, mapping, number, string, strings
 from sidecar.spool import DEFAULT_MAX_BYTES
+
+_T = TypeVar("_T")
+_V = TypeVar("_V")
 
 PROTOCOLS = ("postgres", "mysql")
 TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
@@ -222,16 +227,12 @@ def _telemetry(node: yaml.Node) -> TelemetryConfig:
     m = mapping(node, "telemetry", frozenset({"trace_sample", "otlp_endpoint", "metrics_listen"}))
     sample = DEFAULT_TRACE_SAMPLE
     if "trace_sample" in m:
-        try:
-            sample = check_sample(number(m["trace_sample"][1], "telemetry.trace_sample"))
-        except ValueError as exc:
-            raise Invalid(m["trace_sample"][1], f"telemetry.trace_sample: {exc}") from None
+        sample = _checked(m["trace_sample"][1], "telemetry.trace_sample", number, check_sample)
     endpoint = None
     if "otlp_endpoint" in m:
-        try:
-            endpoint = check_control_url(string(m["otlp_endpoint"][1], "telemetry.otlp_endpoint"))
-        except ValueError as exc:
-            raise Invalid(m["otlp_endpoint"][1], f"telemetry.otlp_endpoint: {exc}") from None
+        endpoint = _checked(
+            m["otlp_endpoint"][1], "telemetry.otlp_endpoint", string, check_control_url
+        )
     listen = None
     if "metrics_listen" in m:
         listen = _hostport(m["metrics_listen"][1], "telemetry.metrics_listen")
@@ -245,10 +246,7 @@ def _control(node: yaml.Node, base: Path) -> ControlConfig:
         frozenset({"url", "token", "state_dir", "spool_max_bytes"}),
         frozenset({"url", "token", "state_dir"}),
     )
-    try:
-        url = check_control_url(string(m["url"][1], "control.url"))
-    except ValueError as exc:
-        raise Invalid(m["url"][1], f"control.url: {exc}") from None
+    url = _checked(m["url"][1], "control.url", string, check_control_url)
     token = string(m["token"][1], "control.token")
     if not token.strip():
         raise Invalid(m["token"][1], "control.token: expected a token, got an empty string")
@@ -303,10 +301,7 @@ def _route(node: yaml.Node, index: int) -> Route:
 def _upstream(node: yaml.Node, what: str) -> tuple[tuple[str, int], ServiceUpstream | None]:
     """HOST:PORT or NAME.service, or {service, tag, balance, eject_seconds}."""
     if not isinstance(node, yaml.MappingNode):
-        try:
-            return parse_upstream(string(node, what))
-        except ValueError as exc:
-            raise Invalid(node, f"{what}: {exc}") from None
+        return _checked(node, what, string, parse_upstream)
     m = mapping(
         node,
         what,
@@ -343,7 +338,18 @@ def _audit(node: yaml.Node, base: Path) -> AuditConfig:
 
 
 def _hostport(node: yaml.Node, what: str) -> tuple[str, int]:
+    return _checked(node, what, string, parse_hostport)
+
+
+def _checked(
+    node: yaml.Node,
+    what: str,
+    read: Callable[[yaml.Node, str], _V],
+    check: Callable[[_V], _T],
+) -> _T:
+    """Read a value and validate it; a ValueError from `check` becomes an error at the
+    value's file:line:col."""
     try:
-        return parse_hostport(string(node, what))
+        return check(read(node, what))
     except ValueError as exc:
         raise Invalid(node, f"{what}: {exc}") from None

@@ -24,7 +24,6 @@ code for its audit event.
 
 from __future__ import annotations
 
-import struct
 import time
 from collections import deque
 
@@ -45,7 +44,6 @@ PROTOCOL_VIOLATION = "08P01"
 _PARSE, _PARSE_SWALLOW, _BIND, _BIND_SWALLOW, _EXEC, _SYNC = range(6)
 
 _STARTUP, _AUTH, _READY = range(3)
-_unpack_int32 = struct.Struct("!i").unpack_from
 _OPAQUE_CALL = StatementInfo(verb="CALL", verbs=frozenset({"CALL"}), opaque=True)
 _UNKNOWN_PORTAL = StatementInfo(verb="EXECUTE", verbs=frozenset({"EXECUTE"}), opaque=True)
 _PARSE_MEMO_SIZE = 256
@@ -172,13 +170,14 @@ class PgSession(SessionAudit):
         # the input was split.
         try:
             size = len(buf)
+            unpack = pg.unpack_int32
             while self.wait == 0.0 and self.closing is None:
                 if size - pos < 5:
                     break
                 kind = buf[pos]
-                length = _unpack_int32(buf, pos + 1)[0]
+                length = unpack(buf, pos + 1)[0]
                 if length < 4 or length > limit:
-                    raise pg.ProtocolError(f"invalid length {length} for message {chr(kind)!r}")
+                    raise pg.bad_length(kind, length)
                 end = pos + 1 + length
                 if end > size:
                     break
@@ -451,13 +450,14 @@ class PgSession(SessionAudit):
         limit = self.ctx.max_message
         try:
             size = len(buf)
+            unpack = pg.unpack_int32
             while self.closing is None:  # closing: nothing more goes to the app
                 if size - pos < 5:
                     break
                 kind = buf[pos]
-                length = _unpack_int32(buf, pos + 1)[0]
+                length = unpack(buf, pos + 1)[0]
                 if length < 4 or length > limit:
-                    raise pg.ProtocolError(f"invalid length {length} for message {chr(kind)!r}")
+                    raise pg.bad_length(kind, length)
                 end = pos + 1 + length
                 if end > size:
                     break

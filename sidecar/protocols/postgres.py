@@ -59,15 +59,12 @@ def startup_params(packet: bytes | bytearray) -> dict[str, str]:
     return dict(zip(fields[0::2], fields[1::2], strict=True))
 
 
-def message_length(buf: bytes | bytearray, pos: int, max_message: int) -> int | None:
-    """Total size (type byte included) of the typed message at `pos` (None: need more)."""
-    if len(buf) - pos < 5:
-        return None
-    length: int = _INT32.unpack_from(buf, pos + 1)[0]
-    if length < 4 or length > max_message:
-        kind = chr(buf[pos])
-        raise ProtocolError(f"invalid length {length} for message {kind!r}")
-    return length + 1
+unpack_int32 = _INT32.unpack_from  # framing loops read message lengths with this
+
+
+def bad_length(kind: int, length: int) -> ProtocolError:
+    """The error for a typed message whose length field is out of bounds."""
+    return ProtocolError(f"invalid length {length} for message {chr(kind)!r}")
 
 
 def cstring(buf: bytes | bytearray, pos: int, end: int) -> tuple[bytes, int]:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,37 @@ from sidecar.server import Sidecar
 from sidecar.telemetry import Telemetry
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
+
+# The policy the PostgreSQL and MySQL sidecar tests run under: a deny with a message, a deny
+# of UPDATE/DELETE without WHERE, a rejecting limit and a delaying limit.
+GUARD_POLICY = textwrap.dedent(
+    """\
+    apiVersion: sluice/v1
+    kind: Policy
+    metadata: {name: guard}
+    spec:
+      destination: orders-db
+      rules:
+        - name: no-drop
+          sql: {verbs: [DROP, TRUNCATE]}
+          action: deny
+          message: ask the DBA
+        - name: bounded
+          sql: {verbs: [DELETE, UPDATE], where: absent}
+          action: deny
+        - name: few-inserts
+          sql: {verbs: [INSERT], tables: [limited]}
+          action: limit
+          limit: {rate: 3, per: 1s, burst: 3, scope: source-app}
+          message: slow down
+        - name: paced-inserts
+          sql: {verbs: [INSERT], tables: [paced]}
+          action: limit
+          limit: {rate: 10, per: 1s, burst: 1, scope: source-app}
+          on_exceed: delay
+          max_delay: 2s
+    """
+)
 
 
 def pg_available() -> str | None:

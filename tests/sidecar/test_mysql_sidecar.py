@@ -8,7 +8,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,39 +18,12 @@ import pytest
 from pymysql.constants import CLIENT
 
 from sidecar.config import AuditConfig, Route, SidecarConfig
-from tests.sidecar.conftest import RunningSidecar
+from tests.sidecar.conftest import GUARD_POLICY, RunningSidecar
 
 pytestmark = pytest.mark.mariadb
 
 HOST, PORT, USER = "127.0.0.1", 3306, "root"
-POLICY = textwrap.dedent(
-    """\
-    apiVersion: sluice/v1
-    kind: Policy
-    metadata: {name: guard}
-    spec:
-      destination: orders-db
-      rules:
-        - name: no-drop
-          sql: {verbs: [DROP, TRUNCATE]}
-          action: deny
-          message: ask the DBA
-        - name: bounded
-          sql: {verbs: [DELETE, UPDATE], where: absent}
-          action: deny
-        - name: few-inserts
-          sql: {verbs: [INSERT], tables: [limited]}
-          action: limit
-          limit: {rate: 3, per: 1s, burst: 3, scope: source-app}
-          message: slow down
-        - name: paced-inserts
-          sql: {verbs: [INSERT], tables: [paced]}
-          action: limit
-          limit: {rate: 10, per: 1s, burst: 1, scope: source-app}
-          on_exceed: delay
-          max_delay: 2s
-    """
-)
+POLICY = GUARD_POLICY  # deny, no-WHERE, reject and delay limits (tests/sidecar/conftest.py)
 
 
 def _direct(db: str | None = None, **extra: object) -> pymysql.Connection:

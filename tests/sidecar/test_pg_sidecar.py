@@ -18,36 +18,11 @@ import psycopg
 import pytest
 from psycopg import errors
 
+from tests.sidecar.conftest import GUARD_POLICY
+
 pytestmark = pytest.mark.postgres
 
-POLICY = textwrap.dedent(
-    """\
-    apiVersion: sluice/v1
-    kind: Policy
-    metadata: {name: guard}
-    spec:
-      destination: orders-db
-      rules:
-        - name: no-drop
-          sql: {verbs: [DROP, TRUNCATE]}
-          action: deny
-          message: ask the DBA
-        - name: bounded
-          sql: {verbs: [DELETE, UPDATE], where: absent}
-          action: deny
-        - name: few-inserts
-          sql: {verbs: [INSERT], tables: [limited]}
-          action: limit
-          limit: {rate: 3, per: 1s, burst: 3, scope: source-app}
-          message: slow down
-        - name: paced-inserts
-          sql: {verbs: [INSERT], tables: [paced]}
-          action: limit
-          limit: {rate: 10, per: 1s, burst: 1, scope: source-app}
-          on_exceed: delay
-          max_delay: 2s
-    """
-)
+POLICY = GUARD_POLICY  # deny, no-WHERE, reject and delay limits (tests/sidecar/conftest.py)
 
 
 @pytest.fixture
