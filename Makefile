@@ -3,8 +3,16 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# mitmproxy in a virtualenv of its own (docs/decisions/0010-mitmproxy-addon.md): 11.0.2, the
+# newest release for Python 3.11, pins h11<=0.14, which httpx/httpcore here cannot share.
+# Besides mitmproxy it gets only the pure dependencies of the addon's imports (policies/ and
+# sidecar/{mitm,audit,limits,policy_watch,protocols}), as pyproject.toml pins them, and the
+# repository itself without its dependencies.
+MITM_VENV := .venv-mitm
+MITM_STAMP := $(MITM_VENV)/.installed
+MITM_DEPS := mitmproxy==11.0.2 'PyYAML>=6.0' 'pglast>=8.8,<9' 'tzdata>=2024.1'
 
-.PHONY: install check test bench bench-deps demo up clean
+.PHONY: install mitm check test bench bench-deps demo up clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -12,28 +20,43 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+$(MITM_STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(MITM_VENV)
+	$(MITM_VENV)/bin/pip install -q $(MITM_DEPS)
+	$(MITM_VENV)/bin/pip install -q --no-deps -e .
+	$(MITM_VENV)/bin/python -c "import sidecar.mitm_addon"
+	touch $(MITM_STAMP)
+
+mitm: $(MITM_STAMP)
+
 install: $(STAMP)
 	@# dig (Debian dnsutils) for the meshdns tests; they skip with a message without it.
 	command -v dig >/dev/null || (test "$$(id -u)" = 0 && apt-get update -q >/dev/null && apt-get install -y -q dnsutils) || true
+	@# nginx (a real origin), curl and wrk (real clients) for the HTTP sidecar tests; they skip without.
+	command -v wrk >/dev/null && test -x /usr/sbin/nginx && command -v curl >/dev/null || (test "$$(id -u)" = 0 && apt-get update -q >/dev/null && apt-get install -y -q nginx-light wrk curl) || true
+	@# ip and iptables for `sluice run` (transparent interception) and its tests; they skip without.
+	command -v ip >/dev/null && command -v iptables-restore >/dev/null || (test "$$(id -u)" = 0 && apt-get update -q >/dev/null && apt-get install -y -q iproute2 iptables) || true
 
 check: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: install
+# The mitmproxy addon's tests (tests/sidecar/test_mitm_addon.py) run mitmdump from $(MITM_VENV).
+test: install $(MITM_STAMP)
 	$(BIN)/pytest
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
-# The peers bench/pg_sidecar.py compares the sidecar to (Debian packages; needs root).
+# The peers the sidecar benchmarks compare to, the HTTP origin and load tool (Debian
+# packages; needs root). bench/http_sidecar.py's mitmproxy row wants .venv-mitm (see there).
 bench-deps:
-	apt-get update && apt-get install -y haproxy pgbouncer
+	apt-get update && apt-get install -y haproxy pgbouncer nginx-light wrk
 
 # The main job on the embedded default: the whole control plane in one process (Ctrl-C stops).
 up: $(STAMP)
 	$(BIN)/sluice up --policies examples/policies --data-dir sluice-data
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MITM_VENV) .pytest_cache .mypy_cache .ruff_cache

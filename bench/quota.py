@@ -2,9 +2,13 @@
 
 python bench/quota.py [--seconds S] [--sidecars 1,4,16] [--backends memory,redis]
 
-1. hot path: µs per `take()` of one statement, in-process: no limit (the session skips the
-   limiter), a local bucket (`Limiter`, source-instance scope) and a leased mesh-wide key
-   (`QuotaLimiter` holding tokens: what every statement under a source-app limit costs).
+1. hot path, in-process, µs per statement:
+   - `take()` alone: no limit (the session skips the limiter), a local bucket (`Limiter`,
+     source-instance scope), a leased mesh-wide key (`QuotaLimiter` holding tokens: what
+     every statement under a source-app limit costs) and a leased key of a limit keyed by
+     table (`limit.key: table`: the same plus `KeyCap`'s bookkeeping).
+   - the statement's whole policy path, `SqlDecider.decide` (cached) plus `take()`: an
+     INSERT no limit matches against one under a source-app limit, and under a keyed one.
 2. accuracy: `sluice up` (a subprocess; `--quota redis://...` for the Redis backend, two
    control planes sharing it with the sidecars split between them) and N `QuotaLimiter`s -
    the sidecar's own leasing code - in this process, each with its own HTTP client, asking
@@ -13,7 +17,8 @@ python bench/quota.py [--seconds S] [--sidecars 1,4,16] [--backends memory,redis
    end-to-end run through real sidecars and PostgreSQL is tests/sidecar/test_quota_accuracy.py.
 
 Not a CI test. Targets (exit 1 when missed): leased take within 2 µs of the local bucket's
-p50; every accuracy run within 5% of the limit and no window above 1.25x.
+p50, and a limited statement's policy path within `PATH_BUDGET_US` of an unlimited one's;
+every accuracy run within 5% of the limit and no window above 1.25x.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -34,8 +40,12 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import check, percentile, table, time_each
-from policies.engine import LimitTicket
-from policies.spec import Limit, OnExceed, Scope
+from policies.attributes import Peer
+from policies.decider import SqlDecider
+from policies.engine import Engine, LimitTicket
+from policies.loader import load_texts
+from policies.spec import KeyAttribute, Limit, LimitKey, OnExceed, Scope
+from policies.sql.inspect import SessionState
 from sidecar.limits import Limiter
 from sidecar.quota import QuotaLimiter
 
@@ -43,25 +53,57 @@ SLUICE = str(Path(sys.executable).with_name("sluice"))
 RATE, BURST = 200, 20
 REDIS_URL = "redis://127.0.0.1:6379/0"
 ASK_EVERY = 0.0005  # each simulated sidecar asks for a token this often: 2,000/s
+# What a limit may add to a statement's policy path: 1% of a ~0.5 ms round trip to a local
+# PostgreSQL through the sidecar.
+PATH_BUDGET_US = 5.0
 
 
 def ticket(scope: Scope, key: str) -> LimitTicket:
     return LimitTicket("bench/r", key, Limit(RATE, 1.0, BURST, scope, OnExceed.REJECT, 0.0), None)
 
 
+STATEMENT_POLICY = """\
+apiVersion: sluice/v1
+kind: Policy
+metadata: {name: bench}
+spec:
+  destination: orders-db
+  rules:
+    - {name: no-drop, sql: {verbs: [DROP]}, action: deny}
+    - name: budget
+      sql: {verbs: [INSERT], tables: [orders]}
+      action: limit
+      limit: {rate: 200, per: 1s, scope: source-app}
+    - name: per-table
+      sql: {verbs: [INSERT], tables: [items]}
+      action: limit
+      limit: {rate: 200, per: 1s, scope: source-app, key: table}
+"""
+
+
+def _no_client() -> httpx.AsyncClient:
+    raise AssertionError("the hot path sends nothing")
+
+
+def _stocked(q: QuotaLimiter, tickets: tuple[LimitTicket, ...]) -> None:
+    """Leases holding more tokens than the bench takes, as if granted a moment ago."""
+    q.take(tickets, 0.0)
+    q.apply([{"key": t.key, "tokens": 1e12, "expires_in": 1e9} for t in tickets], 0.0)
+
+
 def hot_path() -> bool:
     local_t = ticket(Scope.SOURCE_INSTANCE, "bench/r|instance=billing/1")
     leased_t = ticket(Scope.SOURCE_APP, "bench/r|app=billing")
+    keyed_limit = replace(leased_t.limit, key=LimitKey(KeyAttribute.TABLE))
+    keyed_t = LimitTicket(
+        "bench/k", "bench/k|app=billing|table=items", keyed_limit, None, "items",
+        "bench/k|app=billing|table~other",
+    )  # fmt: skip
     local = Limiter()
     local.buckets.get(local_t.key, local_t.limit, 0.0).capacity = 1e12
     local.buckets.get(local_t.key, local_t.limit, 0.0).tokens = 1e12
-
-    def no_client() -> httpx.AsyncClient:
-        raise AssertionError
-
-    leased = QuotaLimiter("billing-1", no_client)
-    leased.take((leased_t,), 0.0)
-    leased.apply([{"key": leased_t.key, "tokens": 1e12, "expires_in": 1e9}], 0.0)
+    leased = QuotaLimiter("billing-1", _no_client)
+    _stocked(leased, (leased_t, keyed_t))
     n = 200_000
     rows = []
     results = {}
@@ -69,15 +111,57 @@ def hot_path() -> bool:
         ("no limit", lambda i: local.take((), i * 1e-6)),
         ("local bucket", lambda i: local.take((local_t,), i * 1e-6)),
         ("leased (mesh-wide)", lambda i: leased.take((leased_t,), i * 1e-6)),
+        ("leased, keyed by table", lambda i: leased.take((keyed_t,), i * 1e-6)),
     ):
         samples = time_each(fn, n)
         results[name] = percentile(samples, 0.5)
         rows.append((name, percentile(samples, 0.5), percentile(samples, 0.99)))
     print(table(("take() of one statement", "p50 µs", "p99 µs"), rows))
-    return check(
+    ok = check(
         "leased take vs local bucket",
         results["leased (mesh-wide)"] <= results["local bucket"] + 2.0,
         f"{results['leased (mesh-wide)']:.2f} µs vs {results['local bucket']:.2f} µs",
+    )
+    return statement_path(n) and ok
+
+
+def statement_path(n: int) -> bool:
+    """decide (cached, as for every repeated statement) + take, per statement."""
+    engine = Engine(load_texts([("bench.yaml", STATEMENT_POLICY)]))
+    peer = Peer("billing", "orders-db", "billing-1")
+    decider = SqlDecider(engine, peer, SessionState("postgres"))
+    q = QuotaLimiter("billing-1", _no_client)
+    statements = {
+        "INSERT, no limit": "INSERT INTO customers (id) VALUES (1)",
+        "INSERT, source-app limit (leased)": "INSERT INTO orders (id) VALUES (1)",
+        "INSERT, limit keyed by table": "INSERT INTO items (id) VALUES (1)",
+    }
+    for sql in statements.values():
+        _, decision = decider.decide(sql, 0.0)
+        if decision.limits:
+            _stocked(q, decision.limits)
+
+    def path(sql: str) -> Callable[[int], object]:
+        def one(i: int) -> object:
+            now = i * 1e-6
+            _, decision = decider.decide(sql, now)
+            return q.take(decision.limits, now) if decision.limits else None
+
+        return one
+
+    rows = []
+    p50 = {}
+    for name, sql in statements.items():
+        samples = time_each(path(sql), n)
+        p50[name] = percentile(samples, 0.5)
+        rows.append((name, percentile(samples, 0.5), percentile(samples, 0.99)))
+    print(table(("decide + take, one statement", "p50 µs", "p99 µs"), rows))
+    base = p50["INSERT, no limit"]
+    worst = max(v for k, v in p50.items() if k != "INSERT, no limit")
+    return check(
+        "limited vs unlimited statement",
+        worst <= base + PATH_BUDGET_US,
+        f"+{worst - base:.2f} µs at most ({base:.2f} µs unlimited)",
     )
 
 

@@ -1,5 +1,6 @@
-"""The `sluice` command line: policy check and explain, SQL inspection, the sidecar, the
-control plane (`sluice up`) and the commands that go through its API (mesh/control_cmd.py).
+"""The `sluice` command line: policy check and explain, SQL inspection, the sidecar (`sluice
+sidecar`, `sluice run`), the control plane (`sluice up`) and the commands that go through its
+API (mesh/control_cmd.py).
 
 Each subcommand is a small function from parsed arguments to an exit code; output goes to
 stdout (results) and stderr (summaries and errors) so that results can be piped.
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
-from mesh import control_cmd, dns_cmd, sidecar_cmd, up_cmd
+from mesh import control_cmd, dns_cmd, run_cmd, sidecar_cmd, up_cmd
 from policies.attributes import HttpRequest, Peer
 from policies.engine import Engine, merge
 from policies.errors import PolicyError
@@ -81,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     sidecar_cmd.add_parser(sub)
     dns_cmd.add_parser(sub)
     up_cmd.add_parser(sub)
+    run_cmd.add_parser(sub)
     control_cmd.add_parsers(sub)
     return p
 

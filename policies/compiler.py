@@ -64,7 +64,7 @@ class CompiledRule:
                 return False
             if self.paths is not None and not any(p.match(req.path) for p in self.paths):
                 return False
-            if http.hosts is not None and not http.hosts.matches(_host(req.host)):
+            if http.hosts is not None and not http.hosts.matches(host_name(req.host)):
                 return False
             for name, values in http.headers:
                 if not any(values.matches(v) for v in req.header(name)):
@@ -114,7 +114,7 @@ class CompiledRule:
                     return f"http.methods: {request.method} is not in {_set(http.methods)}"
                 if self.paths is not None and not any(p.match(request.path) for p in self.paths):
                     return f"http.paths: {request.path} matches none of {list(http.paths or ())}"
-                if http.hosts is not None and not http.hosts.matches(_host(request.host)):
+                if http.hosts is not None and not http.hosts.matches(host_name(request.host)):
                     return f"http.hosts: {request.host!r} is not in {http.hosts.describe()}"
                 for name, values in http.headers:
                     if not any(values.matches(v) for v in request.header(name)):
@@ -313,7 +313,7 @@ def _set(values: frozenset[str]) -> str:
     return "[" + ", ".join(sorted(values)) + "]"
 
 
-def _host(host: str) -> str:
+def host_name(host: str) -> str:
     """Strip a port; keep IPv6 literals whole."""
     if host.startswith("["):
         return host.split("]", 1)[0] + "]"

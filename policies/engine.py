@@ -7,6 +7,8 @@ matches or the default is allow. Dry-run rules (`enforce: false`) are evaluated 
 decision reports what they would have done (`action`) beside what is applied (`applied`);
 a dry-run limit rule hands over its ticket as well (`dry_limits`, a bucket of its own: key
 suffix `|dry`), which the caller checks without ever refusing or holding the request.
+A limit keyed by an attribute (`limit.key`) hands over one ticket per value of it in the
+request (policies/limitkeys.py), all of which the caller must grant.
 A statement that does not parse is denied on a destination that has any deny rule.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from policies import limitkeys
 from policies.attributes import HttpRequest, Peer
 from policies.compiler import Compiled, CompiledRule, View
 from policies.spec import Action, Limit, Policy, Scope
@@ -29,9 +32,13 @@ class LimitTicket:
     """A token the caller must take before the request may proceed."""
 
     rule_id: str
-    key: str  # the bucket: rule plus scope key (e.g. source app)
+    key: str  # the bucket: rule plus scope key (e.g. source app), plus the attribute's value
     limit: Limit
     message: str | None
+    value: str = ""  # a keyed limit's attribute value, as the request had it
+    # A keyed limit's bucket for values beyond the caller's cap (sidecar/limits.py); None
+    # for a limit without `key`.
+    overflow: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,12 +119,12 @@ class Engine:
         if isinstance(request, HttpRequest):
             candidates = view.by_method.get(request.method, view.http_any)
             matched = [r for r in candidates if r.matches_http(request, self.clock, now)]
-            return _combine(peer, view, matched)
+            return _combine(peer, request, view, matched)
         if request.error is not None:
             return _unparseable(view, request.error)
         candidates = view.sql_candidates(request)
         matched = [r for r in candidates if r.matches_sql(request, self.clock, now)]
-        return _combine(peer, view, matched)
+        return _combine(peer, request, view, matched)
 
     def decide_all(self, peer: Peer, statements: Sequence[StatementInfo], now: float) -> Decision:
         """One decision for a multi-statement string: the most severe of its statements."""
@@ -166,16 +173,20 @@ def _outcome(
     return default, []
 
 
-def _combine(peer: Peer, view: View, matched: list[CompiledRule]) -> Decision:
+def _combine(
+    peer: Peer, request: StatementInfo | HttpRequest, view: View, matched: list[CompiledRule]
+) -> Decision:
     applied, by = _outcome(matched, view.default, dry=False)
     action, would = _outcome(matched, view.default, dry=True)
     deciding = would[0] if would else None
     tickets: tuple[LimitTicket, ...] = ()
     if applied is Action.LIMIT:
-        tickets = tuple(_ticket(peer, r) for r in by)
+        tickets = tuple(t for r in by for t in _tickets(peer, request, r))
     dry: tuple[LimitTicket, ...] = ()
     if action is Action.LIMIT:  # then `would` holds every limit rule that matched
-        dry = tuple(_ticket(peer, r, "|dry") for r in would if not r.rule.enforce)
+        dry = tuple(
+            t for r in would if not r.rule.enforce for t in _tickets(peer, request, r, "|dry")
+        )
     if deciding is not None:
         kind = "dry-run rule" if not deciding.rule.enforce else "rule"
         reason = f"{kind} {deciding.id} matched ({action.value})"
@@ -220,16 +231,26 @@ def _unparseable(view: View, error: str) -> Decision:
     return Decision(Action.DENY, applied, (), None, guard.rule.policy, None, reason)
 
 
-def _ticket(peer: Peer, r: CompiledRule, suffix: str = "") -> LimitTicket:
+def _tickets(
+    peer: Peer, request: StatementInfo | HttpRequest, r: CompiledRule, suffix: str = ""
+) -> tuple[LimitTicket, ...]:
     limit = r.rule.limit
     assert limit is not None  # the loader requires a limit for action: limit
     scope = limit.scope
     if scope is Scope.GLOBAL:
-        key = r.id
+        base = r.id
     elif scope is Scope.SOURCE_APP:
-        key = f"{r.id}|app={peer.source_app}"
+        base = f"{r.id}|app={peer.source_app}"
     elif scope is Scope.SOURCE_INSTANCE:
-        key = f"{r.id}|instance={peer.source_app}/{peer.source_instance}"
+        base = f"{r.id}|instance={peer.source_app}/{peer.source_instance}"
     else:
-        key = f"{r.id}|destination={peer.destination}"
-    return LimitTicket(r.id, key + suffix, limit, r.rule.message)
+        base = f"{r.id}|destination={peer.destination}"
+    message = r.rule.message
+    key = limit.key
+    if key is None:
+        return (LimitTicket(r.id, base + suffix, limit, message),)
+    overflow = f"{base}|{limitkeys.overflow_part(key)}{suffix}"
+    return tuple(
+        LimitTicket(r.id, f"{base}|{limitkeys.part(key, v)}{suffix}", limit, message, v, overflow)
+        for v in limitkeys.values(key, r.rule, request)
+    )

@@ -17,7 +17,18 @@ import yaml
 
 from policies.errors import PolicyError, Problem
 from policies.globs import NameSet, TableSet, compile_path_glob
-from policies.spec import Action, HttpMatch, Limit, OnExceed, Policy, Rule, Scope, SqlMatch
+from policies.limitkeys import parse_key
+from policies.spec import (
+    Action,
+    HttpMatch,
+    Limit,
+    LimitKey,
+    OnExceed,
+    Policy,
+    Rule,
+    Scope,
+    SqlMatch,
+)
 from policies.sql.model import VERBS
 from policies.windows import Window, WindowSyntaxError, parse_day, parse_window
 from policies.yamlread import Invalid, Reader, boolean, choice, mapping, number, string, strings
@@ -44,7 +55,7 @@ _RULE = frozenset(
 _SQL = frozenset({"verbs", "tables", "where"})
 _HTTP = frozenset({"methods", "paths", "hosts", "headers"})
 _WHEN = frozenset({"time", "days"})
-_LIMIT = frozenset({"rate", "per", "burst", "scope"})
+_LIMIT = frozenset({"rate", "per", "burst", "scope", "key"})
 
 
 def policy_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[Problem]]:
@@ -299,6 +310,7 @@ def _limit(m: dict[str, tuple[yaml.Node, yaml.Node]], what: str, node: yaml.Node
     scope = Scope.SOURCE_APP
     if "scope" in lm:
         scope = Scope(choice(lm["scope"][1], f"{what}: limit.scope", tuple(s.value for s in Scope)))
+    key = _limit_key(lm["key"][1], what, m) if "key" in lm else None
     on_exceed = OnExceed.REJECT
     if "on_exceed" in m:
         on_exceed = OnExceed(
@@ -311,7 +323,30 @@ def _limit(m: dict[str, tuple[yaml.Node, yaml.Node]], what: str, node: yaml.Node
         max_delay = _duration(m["max_delay"][1], f"{what}: max_delay")
     elif on_exceed is OnExceed.DELAY:
         max_delay = 1.0
-    return Limit(rate, per, burst, scope, on_exceed, max_delay)
+    return Limit(rate, per, burst, scope, on_exceed, max_delay, key)
+
+
+def _limit_key(node: yaml.Node, what: str, m: dict[str, tuple[yaml.Node, yaml.Node]]) -> LimitKey:
+    """`limit.key`, which must be an attribute of the kind of request the rule matches: a
+    rule without `sql:` or `http:` matches both kinds, and half of them lack the attribute."""
+    text = string(node, f"{what}: limit.key")
+    try:
+        key = parse_key(text)
+    except ValueError as exc:
+        raise Invalid(node, f"{what}: limit.key: {exc}") from None
+    kind, other = ("sql", "http") if key.attribute.sql else ("http", "sql")
+    if kind not in m:
+        noun = {"sql": "SQL statements", "http": "HTTP requests"}
+        why = (
+            f"this rule matches {noun[other]}"
+            if other in m
+            else f"a rule without {kind}: also matches {noun[other]}, which have none; "
+            f"add a {kind}: condition"
+        )
+        raise Invalid(
+            node, f"{what}: limit.key: {key.name!r} is an attribute of {noun[kind]}; {why}"
+        )
+    return key
 
 
 def _duration(node: yaml.Node, what: str) -> float:

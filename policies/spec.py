@@ -35,6 +35,36 @@ class OnExceed(StrEnum):
     DELAY = "delay"
 
 
+class KeyAttribute(StrEnum):
+    """A request attribute a limit can be keyed by: one bucket per value, within the scope."""
+
+    TABLE = "table"  # SQL: each table the rule is about (bare relation name, lower-cased)
+    VERB = "verb"  # SQL: each verb the rule is about
+    METHOD = "method"  # HTTP
+    PATH = "path"  # HTTP: the normalised path, without the query
+    HOST = "host"  # HTTP: lower-cased, without the port
+    HEADER = "header"  # HTTP: each value of one header (`header:<name>`)
+
+    @property
+    def sql(self) -> bool:
+        return self in (KeyAttribute.TABLE, KeyAttribute.VERB)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitKey:
+    """`limit.key`: which attribute splits a limit into buckets (policies/limitkeys.py)."""
+
+    attribute: KeyAttribute
+    header: str = ""  # the lower-case header name, for `header:<name>`
+
+    @property
+    def name(self) -> str:
+        """As written in a policy, and as the bucket key's label: `table`, `header:x-tenant`."""
+        if self.attribute is KeyAttribute.HEADER:
+            return f"header:{self.header}"
+        return self.attribute.value
+
+
 @dataclass(frozen=True, slots=True)
 class Limit:
     """A token bucket: `rate` tokens per `per` seconds, holding at most `burst` tokens."""
@@ -45,6 +75,7 @@ class Limit:
     scope: Scope
     on_exceed: OnExceed
     max_delay: float  # seconds; 0 with on_exceed=reject
+    key: LimitKey | None = None  # one bucket per value of this attribute; None: one bucket
 
     @property
     def tokens_per_second(self) -> float:
@@ -85,6 +116,15 @@ class Rule:
     @property
     def id(self) -> str:
         return f"{self.policy}/{self.name}"
+
+    @property
+    def reads_headers(self) -> bool:
+        """Deciding this rule needs the request's headers: a header condition, or a limit
+        keyed by a header (a cache of decisions by method, host and path would be wrong)."""
+        if self.http is not None and self.http.headers:
+            return True
+        key = self.limit.key if self.limit is not None else None
+        return key is not None and key.attribute is KeyAttribute.HEADER
 
 
 @dataclass(frozen=True, slots=True)

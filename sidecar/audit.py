@@ -46,6 +46,14 @@ class AuditEvent:
     policy_version: int = 0
     # What a dry-run limit rule would have done to this statement: reject | delay, or None.
     would: str | None = None
+    # HTTP requests (protocol "http"): `verbs` holds the method and `statement` the request
+    # line without the query string (with it when full statements are configured).
+    method: str | None = None
+    host: str | None = None
+    path: str | None = None
+    status: int | None = None  # the response's status code, ours (403, 429) or the server's
+    bytes_in: int | None = None  # request bytes from the app, head and body
+    bytes_out: int | None = None  # response bytes to the app
 
     def to_json(self) -> str:
         # Field by field: dataclasses.asdict deep-copies and costs several times more.

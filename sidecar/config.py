@@ -22,7 +22,7 @@ from sidecar.spool import DEFAULT_MAX_BYTES
 _T = TypeVar("_T")
 _V = TypeVar("_V")
 
-PROTOCOLS = ("postgres", "mysql")
+PROTOCOLS = ("postgres", "mysql", "http")
 TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
 RECORD_MODES = ("all", "non-allow")
 # How long to wait for the upstream's TCP handshake before telling the app it is down.
@@ -57,6 +57,15 @@ class ServiceUpstream:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpTimeouts:
+    """How long an HTTP route waits for slow clients (sidecar/http_session.py)."""
+
+    head: float = 10.0  # a request head must be complete this long after its first byte
+    body: float = 30.0  # a request body may stall this long
+    idle: float = 60.0  # a keep-alive connection with no request open is closed after this
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """One upstream service reached through a local listener."""
 
@@ -68,6 +77,7 @@ class Route:
     tls: UpstreamTls = field(default_factory=UpstreamTls)
     # Set: instances come from the catalog, and `upstream` is only a label ("NAME.service", 0).
     upstream_service: ServiceUpstream | None = None
+    http: HttpTimeouts = field(default_factory=HttpTimeouts)
 
     @property
     def upstream_label(self) -> str:
@@ -269,7 +279,7 @@ def _route(node: yaml.Node, index: int) -> Route:
     m = mapping(
         node,
         what,
-        frozenset({"service", "protocol", "listen", "upstream", "connect_timeout", "tls"}),
+        frozenset({"service", "protocol", "listen", "upstream", "connect_timeout", "tls", "http"}),
         frozenset({"service", "listen", "upstream"}),
     )
     service = string(m["service"][1], f"{what}.service")
@@ -295,7 +305,29 @@ def _route(node: yaml.Node, index: int) -> Route:
         )
     if protocol == "mysql" and tls.mode != "disable":
         raise Invalid(m["tls"][1], f"{what}.tls: TLS to a MySQL upstream is not supported yet")
-    return Route(service, protocol, listen, upstream, timeout, tls, service_upstream)
+    if protocol == "http" and tls.mode == "prefer":
+        raise Invalid(
+            m["tls"][1],
+            f"{what}.tls.mode: an HTTP upstream speaks TLS or not, it cannot prefer it "
+            "(require, verify-ca, verify-full or disable)",
+        )
+    http = HttpTimeouts()
+    if "http" in m:
+        if protocol != "http":
+            raise Invalid(m["http"][1], f"{what}.http: only for routes with protocol http")
+        h = mapping(m["http"][1], f"{what}.http", frozenset(_HTTP_TIMEOUTS))
+        values = {}
+        for key, attr in _HTTP_TIMEOUTS.items():
+            if key in h:
+                value = number(h[key][1], f"{what}.http.{key}")
+                if value <= 0:
+                    raise Invalid(h[key][1], f"{what}.http.{key} must be positive (seconds)")
+                values[attr] = float(value)
+        http = HttpTimeouts(**values)
+    return Route(service, protocol, listen, upstream, timeout, tls, service_upstream, http)
+
+
+_HTTP_TIMEOUTS = {"head_timeout": "head", "body_timeout": "body", "idle_timeout": "idle"}
 
 
 def _upstream(node: yaml.Node, what: str) -> tuple[tuple[str, int], ServiceUpstream | None]:

@@ -111,6 +111,22 @@ class Gauge(_Metric):
         return out
 
 
+class ReadCounter(Gauge):
+    """A counter whose running totals another object keeps, read when scraped (rendered
+    with a `_total` suffix when the name does not have one)."""
+
+    kind = "counter"
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        read: Callable[[], Iterable[tuple[tuple[str, ...], float]]],
+        labels: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(name if name.endswith("_total") else name + "_total", help, read, labels)
+
+
 class Histogram(_Metric):
     """Observations counted in cumulative buckets per label set, with their sum."""
 

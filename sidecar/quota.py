@@ -12,6 +12,9 @@ tokens lapse after the lease's `expires_in` anyway.
 Scopes: `source-instance` never leaves the process (the parent `Limiter`'s buckets);
 `source-app`, `destination` and `global` are leased under the engine's ticket key, which
 already names the app or destination, so every instance of an app draws from one bucket.
+A limit keyed by an attribute (`limit.key: table`) has one ticket key per value
+(`...|app=billing|table=orders`), leased, shared and fallen back on like any other key;
+`KeyCap` (sidecar/limits.py) bounds how many of them one limit keeps live.
 
 Fallback: when a lease request fails (control plane or its Redis unreachable, timeout,
 non-200), every leased key switches to a local token bucket with a fair share of the
@@ -65,10 +68,16 @@ class _Lease:
     last_grant: float = 0.0
     instances: int = 0  # active instances on the key, as the quota service last said
     leased: bool = False  # a grant has arrived (before that, one statement on credit)
+    lapsed: float = 0.0  # tokens dropped unused, not yet added to QuotaLimiter.lapsed
+
+    def lapse(self, now: float) -> None:
+        if now >= self.expires and self.tokens > 0:
+            # The lease lapsed: its tokens may be someone else's by now.
+            self.lapsed += self.tokens
+            self.tokens = 0.0
 
     def wait(self, now: float) -> float:
-        if now >= self.expires and self.tokens > 0:
-            self.tokens = 0.0  # the lease lapsed: its tokens may be someone else's by now
+        self.lapse(now)
         if self.tokens >= 1 - _EPSILON or (not self.leased and self.tokens > -_EPSILON):
             return 0.0
         share = self.limit.tokens_per_second / max(1, self.instances)
@@ -92,8 +101,12 @@ class QuotaLimiter(Limiter):
         self.fallback = False  # leasing failed: keys use their fair share locally
         self._shares: dict[str, TokenBucket] = {}
         self._wake = asyncio.Event()
+        # Running totals for the sidecar's metrics (sidecar/quota_metrics.py).
         self.requests = 0
         self.failures = 0
+        self.granted = 0.0
+        self.returned = 0.0
+        self.lapsed = 0.0
 
     # the hot path
 
@@ -101,19 +114,20 @@ class QuotaLimiter(Limiter):
         """Take one token per ticket, all or none; a delay ticket may wait up to max_delay."""
         if not tickets:
             return GRANTED
-        plan: list[TokenBucket | _Lease] = []
+        plan: list[tuple[LimitTicket, TokenBucket | _Lease]] = []
         delay = 0.0
         for t in tickets:
+            key = t.key if t.overflow is None else self.keys.key(t, now)
             holder: TokenBucket | _Lease
             if t.limit.scope is Scope.SOURCE_INSTANCE:
-                holder = self.buckets.get(t.key, t.limit, now)
+                holder = self.buckets.get(key, t.limit, now)
                 wait = holder.wait_time(now)
             else:
-                lease = self._lease(t, now)
+                lease = self._lease(key, t.limit, now)
                 lease.demand += 1
                 lease.last_use = now
                 if self.fallback:
-                    holder = self._share(t.key, lease, now)
+                    holder = self._share(key, lease, now)
                     wait = holder.wait_time(now)
                 else:
                     holder = lease
@@ -123,24 +137,25 @@ class QuotaLimiter(Limiter):
             if wait > 0 and (t.limit.on_exceed is OnExceed.REJECT or wait > t.limit.max_delay):
                 return LimitOutcome(False, 0.0, t)
             delay = max(delay, wait)
-            plan.append(holder)
-        for t, holder in zip(tickets, plan, strict=True):
+            if t.overflow is None or not any(holder is h for _, h in plan):
+                plan.append((t, holder))  # (keyed values may share an overflow bucket)
+        for t, holder in plan:
             if isinstance(holder, TokenBucket):
                 holder.reserve(now, t.limit.max_delay)
             else:
                 holder.tokens -= 1
         return LimitOutcome(True, delay, None)
 
-    def _lease(self, t: LimitTicket, now: float) -> _Lease:
-        lease = self.leases.get(t.key)
+    def _lease(self, key: str, limit: Limit, now: float) -> _Lease:
+        lease = self.leases.get(key)
         if lease is None:
             if len(self.leases) >= MAX_BUCKETS:
                 self._forget(now, 0.0)
-            lease = self.leases[t.key] = _Lease(t.limit, last_use=now)
+            lease = self.leases[key] = _Lease(limit, last_use=now)
             self._wake.set()  # a first lease right away, not at the next period
-        elif lease.limit != t.limit:
-            lease.limit = t.limit  # a new policy version changed the limit
-            self._shares.pop(t.key, None)
+        elif lease.limit != limit:
+            lease.limit = limit  # a new policy version changed the limit
+            self._shares.pop(key, None)
         return lease
 
     def _share(self, key: str, lease: _Lease, now: float) -> TokenBucket:
@@ -185,8 +200,9 @@ class QuotaLimiter(Limiter):
         for key, lease in list(self.leases.items()):
             if len(out) >= MAX_PER_REQUEST:
                 break
-            if now >= lease.expires and lease.tokens > 0:
-                lease.tokens = 0.0
+            lease.lapse(now)
+            self.lapsed += lease.lapsed
+            lease.lapsed = 0.0
             returned = 0.0
             if now - lease.last_use > IDLE_AFTER:
                 if lease.tokens <= 0 and now - lease.last_use > FORGET_AFTER:
@@ -195,6 +211,7 @@ class QuotaLimiter(Limiter):
                     continue
                 if lease.tokens > 0:
                     returned, lease.tokens = lease.tokens, 0.0
+                    self.returned += returned
                 want = 0.0  # idle: only a debt left by delays is still asked for
                 if returned == 0 and lease.tokens >= 0:
                     continue
@@ -243,9 +260,9 @@ class QuotaLimiter(Limiter):
             if lease is None:
                 continue  # forgotten meanwhile: the tokens lapse
             tokens = float(g["tokens"])  # type: ignore[arg-type]
-            if now >= lease.expires and lease.tokens > 0:
-                lease.tokens = 0.0
+            lease.lapse(now)
             lease.tokens += tokens
+            self.granted += tokens
             lease.expires = now + float(g["expires_in"])  # type: ignore[arg-type]
             lease.instances = int(g.get("instances", 0))  # type: ignore[call-overload]
             lease.last_grant = tokens
@@ -268,6 +285,7 @@ class QuotaLimiter(Limiter):
     def _forget(self, now: float, idle: float) -> None:
         for key, lease in list(self.leases.items()):
             if now - lease.last_use > idle and lease.tokens <= 0:
+                self.lapsed += lease.lapsed
                 del self.leases[key]
         if len(self.leases) >= MAX_BUCKETS:
             self.leases.clear()

@@ -34,11 +34,13 @@ from typing import cast
 from policies.attributes import Peer
 from policies.decider import SqlDecider
 from policies.engine import Engine
+from policies.http_decider import HttpDecider
 from policies.sql.inspect import MYSQL, POSTGRES
 from sidecar.audit import AuditSink, JsonlSink, MemorySink, TeeSink
 from sidecar.catalog import Registration, ServiceWatch, consul_client
 from sidecar.config import Route, SidecarConfig, UpstreamTls
 from sidecar.control import ControlClient, RouteInfo
+from sidecar.http_session import HttpRouteContext, HttpSession
 from sidecar.limits import Limiter
 from sidecar.mysql_session import MySqlSession
 from sidecar.pg_session import PgSession, RouteContext
@@ -55,6 +57,8 @@ log = logging.getLogger("sluice.sidecar")
 CONNECTION_FAILURE = "08006"
 _SSL_REQUEST = struct.pack("!ii", 8, pg.SSL_REQUEST)
 AUDIT_FLUSH_INTERVAL = 0.2
+# How often HTTP connections are checked for slow clients and idle keep-alives.
+HTTP_SWEEP_INTERVAL = 1.0
 # A catalog service's instances tried per app connection before the app is told it is down.
 CONNECT_ATTEMPTS = 3
 # At start: how long to wait for the catalog's first list of a service's instances.
@@ -74,7 +78,7 @@ def install_uvloop() -> bool:
 @dataclass(slots=True)
 class _RouteRuntime:
     route: Route
-    ctx: RouteContext
+    ctx: RouteContext | HttpRouteContext
     server: asyncio.Server | None = None
     sessions: set[ClientSide] = field(default_factory=set)
     picker: Picker | None = None  # a catalog service upstream (sidecar/upstreams.py)
@@ -89,8 +93,11 @@ class Sidecar:
         config: SidecarConfig,
         sink: AuditSink | None = None,
         telemetry: Telemetry | None = None,
+        listen: bool = True,
     ) -> None:
         self.config = config
+        # False: no listener per route; `sluice run` accepts for them (sidecar/transparent.py).
+        self.listen = listen
         self.limiter = Limiter()
         if sink is None and config.audit.path:
             sink = JsonlSink(config.audit.path)
@@ -130,6 +137,8 @@ class Sidecar:
             telemetry = Telemetry(config)
         self.telemetry = telemetry
         if telemetry is not None:
+            telemetry.metrics.watch_limiter(self.limiter)
+        if telemetry is not None:
             self.sink = TeeSink(self.sink, telemetry.sink)
         self.routes: list[_RouteRuntime] = []
         # BackendKeyData -> the route and the server address that issued it
@@ -138,8 +147,32 @@ class Sidecar:
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
+        # One event sequence for all routes: audit ids are "<instance>-<boot>-<seq>" and
+        # must be unique across the routes of one sidecar (the store drops duplicates).
+        events = itertools.count()
+        boot = format(int(time.time() * 1000), "x")
         for route in config.routes:
             peer = Peer(config.app, route.service, config.instance)
+            picker = Picker(route.upstream_service) if route.upstream_service else None
+            if route.protocol == "http":
+                http = HttpRouteContext(
+                    app=config.app,
+                    instance=config.instance,
+                    service=route.service,
+                    decider=HttpDecider(engine, peer),
+                    limiter=self.limiter,
+                    sink=self.sink,
+                    record_all=config.audit.record == "all",
+                    full_paths=config.audit.full_statements,
+                    policy_version=self.policy_version,
+                    head_timeout=route.http.head,
+                    body_timeout=route.http.body,
+                    idle_timeout=route.http.idle,
+                    events=events,
+                    boot=boot,
+                )
+                self.routes.append(_RouteRuntime(route, http, picker=picker))
+                continue
             decider = SqlDecider(engine, peer, MYSQL if route.protocol == "mysql" else POSTGRES)
             ctx = RouteContext(
                 app=config.app,
@@ -151,8 +184,9 @@ class Sidecar:
                 record_all=config.audit.record == "all",
                 full_statements=config.audit.full_statements,
                 policy_version=self.policy_version,
+                events=events,
+                boot=boot,
             )
-            picker = Picker(route.upstream_service) if route.upstream_service else None
             self.routes.append(_RouteRuntime(route, ctx, picker=picker))
 
     def policy_version(self) -> int:
@@ -182,7 +216,7 @@ class Sidecar:
         if self.control is not None:
             await self.control.start()  # the last good set, or a bounded wait for the first
         await self._watch_catalog()
-        for rt in self.routes:
+        for rt in self.routes if self.listen else ():
             host, port = rt.route.listen
             rt.server = server = await loop.create_server(
                 self._factory(rt), host, port, reuse_address=True
@@ -199,6 +233,8 @@ class Sidecar:
         if self.watcher is not None:
             self._tasks.append(asyncio.create_task(self._reload_loop()))
         self._tasks.append(asyncio.create_task(self._flush_loop()))
+        if any(rt.route.protocol == "http" for rt in self.routes):
+            self._tasks.append(asyncio.create_task(self._http_sweep()))
         if self.telemetry is not None:
             await self.telemetry.start()
         if self.control is not None:
@@ -301,6 +337,21 @@ class Sidecar:
             await asyncio.sleep(AUDIT_FLUSH_INTERVAL)
             self.sink.flush()
 
+    async def _http_sweep(self) -> None:
+        """Close HTTP connections of slow clients (408) and idle keep-alives."""
+        while True:
+            await asyncio.sleep(HTTP_SWEEP_INTERVAL)
+            now = time.monotonic()
+            for rt in self.routes:
+                if rt.route.protocol != "http":
+                    continue
+                for side in list(rt.sessions):
+                    session = side.session
+                    if isinstance(session, HttpSession):
+                        session.check_timeouts(now)
+                        if session.closing is not None:
+                            side.pump()
+
     async def route_cancel(self, packet: bytes) -> None:
         """Send an app's CancelRequest to the server whose BackendKeyData it quotes."""
         known = self.cancel_keys.get(packet[8:])
@@ -330,11 +381,14 @@ class ClientSide(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.upstream: ServerSide | None = None
         session_id = f"{rt.ctx.instance}-{next(sidecar._ids)}"
-        self.session: PgSession | MySqlSession = (
-            MySqlSession(rt.ctx, session_id)
-            if rt.route.protocol == "mysql"
-            else PgSession(rt.ctx, session_id)
-        )
+        ctx = rt.ctx
+        self.session: PgSession | MySqlSession | HttpSession
+        if isinstance(ctx, HttpRouteContext):
+            self.session = HttpSession(ctx, session_id)
+        elif rt.route.protocol == "mysql":
+            self.session = MySqlSession(ctx, session_id)
+        else:
+            self.session = PgSession(ctx, session_id)
         self._connecting = False
         self._closed = False
         self._paused_by_delay = False
@@ -391,7 +445,7 @@ class ClientSide(asyncio.Protocol):
         if up is not None and up.transport is not None and s.to_server:
             out, s.to_server = s.to_server, bytearray()
             up.transport.write(out)
-        elif s.startup_sent and up is None and not self._connecting:
+        elif s.startup_sent and up is None and not self._connecting and s.closing is None:
             self._connecting = True
             asyncio.get_running_loop().create_task(self._connect())
         if s.cancel_packet is not None:
@@ -462,7 +516,18 @@ class ClientSide(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         host, port = address
         try:
-            if route.tls.mode == "disable":
+            if route.protocol == "http" and route.tls.mode != "disable":
+                _, proto = await asyncio.wait_for(
+                    loop.create_connection(
+                        lambda: ServerSide(self),
+                        host,
+                        port,
+                        ssl=_tls_context(route.tls),
+                        server_hostname=route.tls.server_name or host,
+                    ),
+                    timeout=route.connect_timeout,
+                )
+            elif route.tls.mode == "disable":
                 _, proto = await asyncio.wait_for(
                     loop.create_connection(lambda: ServerSide(self), host, port),
                     timeout=route.connect_timeout,
@@ -486,6 +551,12 @@ class ClientSide(asyncio.Protocol):
         self.pump()
 
     def _fail_upstream(self, text: str) -> None:
+        session = self.session
+        if isinstance(session, HttpSession):
+            self._connecting = False
+            session.upstream_failed(text)
+            self.pump()
+            return
         if self.transport is not None and not self._closed:
             if self.rt.route.protocol == "mysql":
                 self.transport.write(
@@ -498,7 +569,19 @@ class ClientSide(asyncio.Protocol):
         self.close()
 
     def server_lost(self) -> None:
-        """The server closed its side: flush what it said and close the app's side."""
+        """The server closed its side: flush what it said and close the app's side. An HTTP
+        connection that was idle stays open; the next request opens a new one upstream."""
+        session = self.session
+        if isinstance(session, HttpSession) and not self._closed:
+            self.upstream = None
+            self._connecting = False
+            if self._instance is not None and self.rt.picker is not None:
+                self.rt.picker.closed(self._instance)
+                self._instance = None
+            if not session.upstream_closed():
+                self.pump()
+                return
+            self.pump()
         self.close()
 
     def close(self) -> None:

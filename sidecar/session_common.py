@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from policies import limitkeys
 from policies.attributes import Peer
 from policies.decider import SqlDecider
 from policies.engine import Decision, LimitTicket
@@ -214,7 +215,14 @@ def deny_text(decision: Decision, info: StatementInfo | None) -> str:
 
 
 def limit_text(ticket: LimitTicket) -> str:
-    """The message of a rate-limit rejection."""
+    """The message of a rate-limit rejection; a keyed limit names the value whose bucket
+    ran out (escaped and bounded as in the bucket key)."""
     limit = ticket.limit
-    text = f"sluice: rate limit {ticket.rule_id} exceeded ({limit.rate:g} per {limit.per:g}s)"
+    which = ""
+    if limit.key is not None:
+        name = limit.key.name
+        which = f" for {name} {limitkeys.safe(ticket.value)}" if ticket.value else f" for no {name}"
+    text = (
+        f"sluice: rate limit {ticket.rule_id} exceeded{which} ({limit.rate:g} per {limit.per:g}s)"
+    )
     return f"{text}: {ticket.message}" if ticket.message else text

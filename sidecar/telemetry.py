@@ -15,7 +15,8 @@ statements are not recorded, so they are neither traced nor counted.
   span's status and `db.response.status_code` (the SQLSTATE).
 - Metrics: `sluice_sidecar_decisions_total{app,service,decision,verb}` (an event counts once,
   under its first verb), `sluice_sidecar_statement_duration_ms{app,service,decision}`
-  (a histogram), `sluice_sidecar_errors_total{app,service,sqlstate}`.
+  (a histogram), `sluice_sidecar_errors_total{app,service,sqlstate}`; with
+  `SidecarMetrics.watch_limiter`, the rate limiter's state (sidecar/quota_metrics.py).
 - Export: with `--otlp-endpoint URL` or the standard `OTEL_EXPORTER_OTLP_ENDPOINT`, spans and
   metrics go over OTLP/HTTP to `<URL>/v1/traces` and `<URL>/v1/metrics` (batched, in
   opentelemetry's own threads); without one no exporter exists and no span is made.
@@ -39,8 +40,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
+from sidecar import quota_metrics
 from sidecar.audit import AuditEvent
 from sidecar.config import SidecarConfig
+from sidecar.limits import Limiter
 from sidecar.prometheus import CONTENT_TYPE, Counter, Histogram, Registry
 
 log = logging.getLogger("sluice.telemetry")
@@ -81,6 +84,14 @@ class SidecarMetrics:
                 ("app", "service", "sqlstate"),
             )
         )
+        self._limiters: list[Limiter] = []
+
+    def watch_limiter(self, limiter: Limiter) -> None:
+        """Serve the limiter's state as well: keyed buckets and, for mesh-wide limits, the
+        leases and the fair-share fallback (sidecar/quota_metrics.py). Once per limiter."""
+        if not any(limiter is w for w in self._limiters):
+            self._limiters.append(limiter)
+            quota_metrics.register(self.registry, limiter)
 
 
 class _OtelMetrics:

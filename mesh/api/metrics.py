@@ -9,6 +9,11 @@
   `sluice_audit_batches_total`: what `POST /v1/audit/events` stored and dropped.
 - `sluice_policy_version`, `sluice_sidecars{state="live"|"stale"}`,
   `sluice_audit_stream_subscribers`: read when scraped.
+- The quota service (`QuotaMetrics`): `sluice_quota_leases_total{rule}` (lease items
+  answered), `sluice_quota_tokens_{wanted,granted,returned}_total{rule}`,
+  `sluice_quota_backend_errors_total{backend}` (the lease answered 503) and
+  `sluice_quota_active_keys{rule}` (keys leased here in the last `ACTIVE_KEYS_WINDOW`).
+  `rule` is the ticket key's rule id, never the key itself (keys may carry data values).
 
 Pure bookkeeping over `sidecar.prometheus` (no I/O); mesh/api/routes_metrics.py serves it.
 """
@@ -16,11 +21,19 @@ Pure bookkeeping over `sidecar.prometheus` (no I/O); mesh/api/routes_metrics.py 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mesh.quota import Grant, LeaseRequest
+from policies.buckets import MAX_BUCKETS
 from sidecar.prometheus import Counter, Gauge, Histogram, Registry
+
+# A key counts as active on this control plane while it was leased in this many seconds:
+# longer than a sidecar's lease period (0.1 s) and its idle return (0.5 s), so a key in use
+# never drops out between scrapes.
+ACTIVE_KEYS_WINDOW = 10.0
 
 
 class ApiMetrics:
@@ -77,6 +90,8 @@ class ApiMetrics:
             )
         )
 
+        self.quota = QuotaMetrics(self.registry)
+
     def audit_batch(self, accepted: int, duplicates: int) -> None:
         self.batches.inc()
         self.ingested.inc((), accepted)
@@ -87,6 +102,82 @@ class ApiMetrics:
         self._policy_version, self._live, self._stale = policy_version, live, stale
         self._subscribers = subscribers
         return self.registry.render()
+
+
+class QuotaMetrics:
+    """What the quota service granted, by rule; recorded per lease request (a few dict
+    updates per item), the active keys counted when scraped."""
+
+    def __init__(self, registry: Registry, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.leases = registry.add(
+            Counter("sluice_quota_leases", "Lease items answered, by rule.", ("rule",))
+        )
+        self.wanted = registry.add(
+            Counter("sluice_quota_tokens_wanted", "Tokens sidecars asked for, by rule.", ("rule",))
+        )
+        self.granted = registry.add(
+            Counter("sluice_quota_tokens_granted", "Tokens granted, by rule.", ("rule",))
+        )
+        self.returned = registry.add(
+            Counter(
+                "sluice_quota_tokens_returned",
+                "Unused tokens sidecars handed back, by rule.",
+                ("rule",),
+            )
+        )
+        self.errors = registry.add(
+            Counter(
+                "sluice_quota_backend_errors",
+                "Lease requests the backend could not answer (503), by backend.",
+                ("backend",),
+            )
+        )
+        self._recent: dict[str, float] = {}  # key -> last leased
+        registry.add(
+            Gauge(
+                "sluice_quota_active_keys",
+                f"Quota keys leased here in the last {ACTIVE_KEYS_WINDOW:g} s, by rule.",
+                self._active,
+                ("rule",),
+            )
+        )
+
+    def leased(self, items: Sequence[LeaseRequest], grants: Sequence[Grant]) -> None:
+        now = self.clock()
+        recent = self._recent
+        if len(recent) + len(items) > MAX_BUCKETS:
+            self._prune(now)
+        for item, grant in zip(items, grants, strict=True):
+            rule = (_rule(item.key),)
+            self.leases.inc(rule)
+            self.wanted.inc(rule, item.want)
+            self.granted.inc(rule, grant.tokens)
+            if item.returned:
+                self.returned.inc(rule, item.returned)
+            if len(recent) < MAX_BUCKETS or item.key in recent:
+                recent[item.key] = now
+
+    def failed(self, backend: str) -> None:
+        self.errors.inc((backend,))
+
+    def _prune(self, now: float) -> None:
+        for key, last in list(self._recent.items()):
+            if now - last > ACTIVE_KEYS_WINDOW:
+                del self._recent[key]
+
+    def _active(self) -> list[tuple[tuple[str, ...], float]]:
+        self._prune(self.clock())
+        counts: dict[str, float] = {}
+        for key in self._recent:
+            rule = _rule(key)
+            counts[rule] = counts.get(rule, 0.0) + 1.0
+        return [((rule,), n) for rule, n in counts.items()]
+
+
+def _rule(key: str) -> str:
+    """The rule id of a ticket key (`policy/rule|app=billing|table=orders`)."""
+    return key.split("|", 1)[0]
 
 
 class MetricsMiddleware:

@@ -38,11 +38,14 @@ class LeaseBody(BaseModel):
 
 @router.post("/v1/quota/lease", tags=["quota"])
 async def lease(request: Request, body: LeaseBody, _t: Sidecar) -> Any:
-    quota = state_of(request).quota
+    state = state_of(request)
+    quota = state.quota
     items = [LeaseRequest(i.key, i.rate, i.per, i.burst, i.want, i.returned) for i in body.leases]
     try:
         grants = await quota.lease(body.instance, items)
     except QuotaUnavailable as exc:  # Redis down or slow: sidecars fall back to their share
         log.warning("quota backend failed: %s", exc)
+        state.metrics.quota.failed(quota.name)
         raise ApiError(503, f"quota backend unavailable: {exc}") from None
+    state.metrics.quota.leased(items, grants)
     return {"grants": [g.to_json() for g in grants]}

@@ -77,6 +77,8 @@ class QuotaBackend(Protocol):
     """Where the global buckets live. `lease` is atomic per key across all callers and
     raises `QuotaUnavailable` when the backend cannot answer."""
 
+    name: str  # "memory" or "redis": the `backend` label of the quota metrics
+
     async def lease(self, instance: str, leases: Sequence[LeaseRequest]) -> list[Grant]: ...
 
     async def close(self) -> None: ...

@@ -35,6 +35,8 @@ class _Key:
 class MemoryQuota:
     """Global token buckets in this process."""
 
+    name = "memory"
+
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._keys: dict[str, _Key] = {}

@@ -66,6 +66,8 @@ return out
 class RedisQuota:
     """Global token buckets in Redis, under `prefix`."""
 
+    name = "redis"
+
     def __init__(self, url: str, prefix: str = "sluice:quota:", timeout: float = 0.5) -> None:
         self.prefix = prefix
         self.redis = aioredis.Redis.from_url(

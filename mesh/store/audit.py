@@ -53,6 +53,13 @@ FIELDS: tuple[tuple[str, str, bool], ...] = (
     ("error", "str?", False),
     ("policy_version", "int", False),
     ("would", "str?", False),  # a dry-run limit's verdict: reject | delay | null
+    # HTTP requests only (null for SQL).
+    ("method", "str?", False),
+    ("host", "str?", False),
+    ("path", "str?", False),
+    ("status", "int?", False),
+    ("bytes_in", "int?", False),
+    ("bytes_out", "int?", False),
 )
 NAMES = tuple(name for name, _t, _r in FIELDS)
 _DEFAULTS: dict[str, object] = {
@@ -70,6 +77,12 @@ _DEFAULTS: dict[str, object] = {
     "error": None,
     "policy_version": 0,
     "would": None,
+    "method": None,
+    "host": None,
+    "path": None,
+    "status": None,
+    "bytes_in": None,
+    "bytes_out": None,
 }
 _LIST_FIELDS = frozenset({"rules", "verbs", "tables"})
 TAG_KINDS = ("verb", "table", "rule")

@@ -116,6 +116,15 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE events ADD COLUMN would TEXT;
     """,
+    # 4: HTTP requests: method, host, path, the response status and byte counts.
+    """
+    ALTER TABLE events ADD COLUMN method TEXT;
+    ALTER TABLE events ADD COLUMN host TEXT;
+    ALTER TABLE events ADD COLUMN path TEXT;
+    ALTER TABLE events ADD COLUMN status INTEGER;
+    ALTER TABLE events ADD COLUMN bytes_in INTEGER;
+    ALTER TABLE events ADD COLUMN bytes_out INTEGER;
+    """,
 )
 
 

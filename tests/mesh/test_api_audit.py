@@ -40,6 +40,13 @@ def event(n: int, tag: str, **over: Any) -> dict[str, Any]:
         "error": None,
         "policy_version": 1,
         "would": None,
+        # HTTP requests only
+        "method": None,
+        "host": None,
+        "path": None,
+        "status": None,
+        "bytes_in": None,
+        "bytes_out": None,
     }
     e.update(over)
     return e
@@ -103,11 +110,32 @@ def test_ingest_round_trips_and_drops_duplicates(
     assert by_id[loaded[16]["id"]] == loaded[16]  # every field as sent
 
 
+def test_http_event_fields_round_trip(admin: httpx.Client, tag: str) -> None:
+    sent = {
+        **event(7, tag),
+        "protocol": "http",
+        "verbs": ["POST"],
+        "tables": [],
+        "statement": "POST /v1/payments",
+        "method": "POST",
+        "host": "payments:8080",
+        "path": "/v1/payments",
+        "status": 403,
+        "bytes_in": 120,
+        "bytes_out": 210,
+    }
+    assert ingest(admin, [sent]) == {"accepted": 1, "duplicates": 0}
+    got = admin.get("/v1/audit/events", params={"app": f"{tag}-billing", "verb": "POST"}).json()
+    (stored,) = [e for e in got["events"] if e["id"] == sent["id"]]
+    assert stored == sent
+
+
 def test_dry_run_verdict_round_trips_and_older_events_default_it(
     admin: httpx.Client, tag: str
 ) -> None:
     older = event(1, tag)
-    del older["would"]  # a sidecar from before the field
+    for field in ("would", "method", "host", "path", "status", "bytes_in", "bytes_out"):
+        del older[field]  # a sidecar from before the fields
     dry = event(2, tag, decision="allow", action="limit", enforced=False, would="reject")
     assert ingest(admin, [older, dry]) == {"accepted": 2, "duplicates": 0}
     got = admin.get("/v1/audit/events", params={"app": f"{tag}-billing"}).json()["events"]

@@ -59,3 +59,45 @@ def test_control_plane_metrics(fresh: ControlPlane) -> None:
     assert value(samples, "sluice_sidecars", state="live") == 1
     assert value(samples, "sluice_sidecars", state="stale") == 1
     assert "/metrics" not in httpx.get(cp.url + "/v1/openapi.json").json()["paths"]
+
+
+def _lease(key: str, want: float, returned: float = 0.0) -> dict[str, object]:
+    return {"key": key, "rate": 100, "per": 1, "burst": 10, "want": want, "returned": returned}
+
+
+def test_quota_metrics_follow_lease_traffic(fresh: ControlPlane) -> None:
+    cp = fresh.start()
+    orders, items = "q/per-table|app=billing|table=orders", "q/per-table|app=billing|table=items"
+    flat = "q/flat|app=billing"
+    with cp.client() as admin, cp.client("") as anonymous:
+        samples, types = parse(anonymous.get("/metrics").text)
+        assert types["sluice_quota_leases_total"] == "counter"
+        assert types["sluice_quota_active_keys"] == "gauge"
+        assert value(samples, "sluice_quota_leases_total") == 0
+        first = [_lease(orders, 4), _lease(items, 4), _lease(flat, 1)]
+        second = [_lease(orders, 3, returned=2), _lease(items, 3)]
+        for leases in (first, second):
+            r = admin.post("/v1/quota/lease", json={"instance": "billing-1", "leases": leases})
+            assert r.status_code == 200, r.text
+        samples, _ = parse(anonymous.get("/metrics").text)
+    assert value(samples, "sluice_quota_leases_total", rule="q/per-table") == 4
+    assert value(samples, "sluice_quota_leases_total", rule="q/flat") == 1
+    assert value(samples, "sluice_quota_tokens_wanted_total", rule="q/per-table") == 14
+    assert value(samples, "sluice_quota_tokens_granted_total", rule="q/per-table") == 14
+    assert value(samples, "sluice_quota_tokens_granted_total", rule="q/flat") == 1
+    assert value(samples, "sluice_quota_tokens_returned_total", rule="q/per-table") == 2
+    # Both table buckets of the keyed rule are active; keys themselves are never labels.
+    assert value(samples, "sluice_quota_active_keys", rule="q/per-table") == 2
+    assert value(samples, "sluice_quota_active_keys", rule="q/flat") == 1
+    assert not any("table=" in v for _, labels in samples for _, v in labels)
+    assert value(samples, "sluice_quota_backend_errors_total") == 0
+
+
+def test_quota_backend_errors_are_counted(fresh: ControlPlane) -> None:
+    cp = fresh.start("--quota", "redis://127.0.0.1:1/0")  # nothing listens there
+    with cp.client() as admin, cp.client("") as anonymous:
+        body = {"instance": "billing-1", "leases": [_lease("q/flat|app=billing", 1)]}
+        assert admin.post("/v1/quota/lease", json=body).status_code == 503
+        samples, _ = parse(anonymous.get("/metrics").text)
+    assert value(samples, "sluice_quota_backend_errors_total", backend="redis") == 1
+    assert value(samples, "sluice_quota_leases_total") == 0

@@ -132,3 +132,30 @@ def test_lease_api(admin: httpx.Client) -> None:
     bad = {"instance": "x", "leases": [{"key": key, "rate": 0, "per": 1, "burst": 1}]}
     assert admin.post("/v1/quota/lease", json=bad).status_code == 422
     assert httpx.post(admin.base_url.join("/v1/quota/lease"), json=body).status_code == 401
+
+
+KEYED = [  # keys of one attribute-keyed limit, as the engine makes them
+    "p/per-table|app=billing|table=orders",
+    "p/per-table|app=billing|table=order_items",
+    "p/per-table|app=billing|table=",
+    "p/by-path|app=billing|path=/ü/a%7Cb",
+    "p/by-path|app=billing|path=/ü/a%7Cb|dry",
+]
+
+
+def test_keyed_keys_are_separate_buckets_in_both_backends(redis_prefix: str) -> None:
+    memory = MemoryQuota()
+    grants = memory.lease_now("a", [req(15, key=k) for k in KEYED], 0.0)
+    assert [(g.key, g.tokens) for g in grants] == [(k, 15) for k in KEYED]
+
+    async def scenario() -> None:
+        q = RedisQuota(REDIS_URL, redis_prefix)
+        try:
+            grants = await q.lease("a", [req(15, key=k) for k in KEYED])
+            assert [(g.key, g.tokens) for g in grants] == [(k, 15) for k in KEYED]
+            for k in KEYED:  # the key reaches Redis unchanged
+                assert await q.redis.exists(f"{redis_prefix}b:{k}") == 1
+        finally:
+            await q.close()
+
+    asyncio.run(scenario())

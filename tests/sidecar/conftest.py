@@ -20,7 +20,7 @@ import pytest
 import uvloop
 
 from sidecar.audit import AuditEvent, MemorySink
-from sidecar.config import AuditConfig, Route, SidecarConfig, UpstreamTls
+from sidecar.config import AuditConfig, HttpTimeouts, Route, SidecarConfig, UpstreamTls
 from sidecar.server import Sidecar
 from sidecar.telemetry import Telemetry
 
@@ -158,15 +158,23 @@ def start_sidecar(tmp_path: Path) -> Iterator[Callable[..., RunningSidecar]]:
         connect_timeout: float = 3.0,
         tls: UpstreamTls | None = None,
         record: str = "all",
+        protocol: str = "postgres",
+        http: HttpTimeouts | None = None,
+        full_statements: bool = False,
     ) -> RunningSidecar:
         policy_file = tmp_path / f"policy-{len(running)}.yaml"
         policy_file.write_text(policy)
         route = Route(
-            service, "postgres", ("127.0.0.1", 0), upstream, connect_timeout, tls or UpstreamTls()
+            service,
+            protocol,
+            ("127.0.0.1", 0),
+            upstream,
+            connect_timeout,
+            tls or UpstreamTls(),
+            http=http or HttpTimeouts(),
         )
-        config = SidecarConfig(
-            app, f"{app}-1", (str(policy_file),), (route,), AuditConfig(None, record), 0.05
-        )
+        audit = AuditConfig(None, record, full_statements)
+        config = SidecarConfig(app, f"{app}-1", (str(policy_file),), (route,), audit, 0.05)
         sc = RunningSidecar(config, policy_file)
         running.append(sc)
         return sc

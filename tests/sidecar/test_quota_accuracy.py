@@ -3,13 +3,19 @@ app (one process per instance, as deployed) in front of the real PostgreSQL, run
 INSERTs flat out (3 psycopg threads per sidecar, 5 ms pause after a rejection) under a
 200/s source-app limit.
 
-Issue 4 asks for 30 s runs. The whole suite must stay under about four minutes (it takes
-~190 s with these tests), so each run here lasts `RUN_SECONDS` = 10 s: the in-process
-backend with four busy sidecars, then with one of them idle (its share must flow to the
-other three), and the Redis backend with two control planes sharing one Redis, sidecars
-split between them. `python bench/quota.py --seconds 30` runs longer ones. The limit's
-burst is 20 (a tenth of the rate): a run may pass the rate by the burst, and the "no
-one-second window above 1.25x" criterion holds only for a burst under a quarter of it.
+Issue 4's test: the four sidecars run for `RUN_SECONDS` = 30 s; accepted INSERTs per
+second over the run must be within 5% of the limit, and no one-second window above 1.25x.
+Then one instance goes idle and the other three run for `SHORT_SECONDS`: its share must
+flow to them (without that they would pass 3/4 of the limit, 150/s, far outside the 5%).
+The Redis backend, two control planes sharing one Redis with the sidecars split between
+them, runs `SHORT_SECONDS` too, to keep the suite near three minutes;
+`python bench/quota.py --seconds 30` runs both backends longer. The limit's burst is 20 (a
+tenth of the rate): a run may pass the rate by the burst, and the 1.25x criterion holds
+only for a burst under a quarter of it.
+
+Accuracy is judged only while the load exceeds the limit: a run in which fewer than 80% of
+its one-second windows saw a rejection skips (the machine was too busy to keep asking),
+rather than passing or failing on a load that never tested the limiter.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -33,7 +40,8 @@ from tests.mesh.conftest import ControlPlane
 from tests.sidecar.conftest import PG_HOST, PG_PORT, PG_USER
 
 RATE = 200
-RUN_SECONDS = 10.0
+RUN_SECONDS = 30.0
+SHORT_SECONDS = 10.0
 THREADS_PER_SIDECAR = 3  # bounded load: enough to keep each sidecar's demand above its share
 # An app's retry pause after a 53400. Without one, 12 threads send ~15,000 rejected
 # statements a second, each an audit event: ingesting them saturates the control plane's
@@ -80,6 +88,7 @@ class SidecarProc:
     """`sluice sidecar --control ...` as its own process: one per instance, as deployed."""
 
     def __init__(self, tmp: Path, cp: ControlPlane, token: str, instance: str) -> None:
+        self.instance = instance
         self.host, self.port = "127.0.0.1", _free_port()
         self.log = tmp / f"{instance}.log"
         argv = [
@@ -140,14 +149,19 @@ class Mesh:
             sc.stop()
 
 
-Offsets = tuple[list[float], list[float]]
+@dataclass
+class Load:
+    """What a run saw: offsets (s from the start) of accepted and of rejected INSERTs, and
+    the accepted count per sidecar."""
+
+    accepted: list[float] = field(default_factory=list)
+    rejected: list[float] = field(default_factory=list)
+    per_sidecar: dict[str, int] = field(default_factory=dict)
 
 
-def run_load(sidecars: list[SidecarProc], db: str, seconds: float) -> Offsets:
-    """INSERTs flat out through `sidecars` for `seconds`; the offsets of accepted and of
-    rejected ones."""
-    accepted: list[float] = []
-    rejected: list[float] = []
+def run_load(sidecars: list[SidecarProc], db: str, seconds: float) -> Load:
+    """INSERTs flat out through `sidecars` for `seconds`."""
+    load = Load(per_sidecar={sc.instance: 0 for sc in sidecars})
     lock = threading.Lock()
     errors: list[BaseException] = []
     start = time.monotonic() + 0.5  # every connection open before the clock starts
@@ -170,8 +184,9 @@ def run_load(sidecars: list[SidecarProc], db: str, seconds: float) -> Offsets:
         except BaseException as exc:  # reported to the test thread
             errors.append(exc)
         with lock:
-            accepted.extend(mine)
-            rejected.extend(refused)
+            load.accepted.extend(mine)
+            load.rejected.extend(refused)
+            load.per_sidecar[sc.instance] += len(mine)
 
     threads = [
         threading.Thread(target=worker, args=(sc,), daemon=True)
@@ -183,18 +198,20 @@ def run_load(sidecars: list[SidecarProc], db: str, seconds: float) -> Offsets:
     for t in threads:
         t.join(seconds + 30)
     assert not errors, errors
-    return accepted, rejected
+    return load
 
 
-def check(load: Offsets, seconds: float, what: str) -> None:
-    accepted, rejected = load
-    per_second = len(accepted) / seconds
+def check(load: Load, seconds: float, what: str) -> float:
+    """Assert the issue's criteria; returns accepted INSERTs per second."""
+    per_second = len(load.accepted) / seconds
     windows = [0] * int(seconds)
-    for t in accepted:
+    for t in load.accepted:
         if 0 <= t < len(windows):
             windows[int(t)] += 1
-    binding = {int(t) for t in rejected if 0 <= t < len(windows)}
-    print(f"{what}: {per_second:.1f}/s over {seconds:.0f} s; windows {windows}")
+    binding = {int(t) for t in load.rejected if 0 <= t < len(windows)}
+    shares = {k: round(v / seconds, 1) for k, v in load.per_sidecar.items()}
+    print(f"{what}: {per_second:.1f}/s over {seconds:.0f} s; per sidecar {shares}")
+    print(f"{what}: one-second windows {windows}")
     if len(binding) < 0.8 * len(windows):
         # Accuracy is only defined while demand exceeds the limit: a second in which no
         # statement was refused says the clients (starved of CPU) did not ask for more.
@@ -204,6 +221,7 @@ def check(load: Offsets, seconds: float, what: str) -> None:
         )
     assert abs(per_second - RATE) <= 0.05 * RATE, (what, per_second, windows)
     assert max(windows) <= 1.25 * RATE, (what, windows)
+    return per_second
 
 
 @pytest.fixture
@@ -229,7 +247,10 @@ def test_four_sidecars_hold_a_source_app_limit_and_share_an_idle_ones_tokens(
     mesh = Mesh(tmp_path, [plane], 4)
     try:
         check(run_load(mesh.sidecars, quota_table, RUN_SECONDS), RUN_SECONDS, "4 busy")
-        check(run_load(mesh.sidecars[:3], quota_table, RUN_SECONDS), RUN_SECONDS, "3 busy, 1 idle")
+        # billing-4 goes idle: the other three must pass the whole limit (checked), not
+        # the 3/4 of it their shares were while it asked too.
+        load = run_load(mesh.sidecars[:3], quota_table, SHORT_SECONDS)
+        check(load, SHORT_SECONDS, "3 busy, 1 idle")
     finally:
         mesh.stop()
 
@@ -256,7 +277,8 @@ def test_two_control_planes_sharing_redis_hold_the_limit(tmp_path: Path, quota_t
     try:
         mesh = Mesh(tmp_path, planes, 4)
         try:
-            check(run_load(mesh.sidecars, quota_table, RUN_SECONDS), RUN_SECONDS, "redis, 2 cps")
+            load = run_load(mesh.sidecars, quota_table, SHORT_SECONDS)
+            check(load, SHORT_SECONDS, "redis, 2 cps")
         finally:
             mesh.stop()
         assert r.keys(prefix + "*"), "the buckets should live in Redis"

@@ -1,5 +1,6 @@
 """`QuotaLimiter`: the hot path on leased tokens, lease bookkeeping, the fair-share
-fallback, and recovery against a real `sluice up` started after the sidecar."""
+fallback, and recovery against a real `sluice up` started after the sidecar; attribute-keyed
+tickets and the cap on their live buckets (`KeyCap`)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from pathlib import Path
 import httpx
 
 from policies.engine import LimitTicket
-from policies.spec import Limit, OnExceed, Scope
+from policies.spec import KeyAttribute, Limit, LimitKey, OnExceed, Scope
 from sidecar.config import ControlConfig, Route, SidecarConfig
-from sidecar.limits import Limiter
+from sidecar.limits import KEY_IDLE, KeyCap, Limiter
 from sidecar.quota import QuotaLimiter
 from sidecar.server import Sidecar
 from tests.mesh.conftest import ControlPlane
@@ -181,3 +182,49 @@ def test_dry_run_tickets_report_what_they_would_have_done() -> None:
     q, leased = limiter(), ticket()  # a mesh-wide dry key is leased like any other
     assert [q.would((leased,), 0.0) for _ in range(2)] == [None, "reject"]
     assert leased.key in q.leases
+
+
+def keyed(value: str, scope: Scope = Scope.SOURCE_APP, burst: float = 2) -> LimitTicket:
+    """A ticket of a limit keyed by table, as the engine makes it."""
+    key = LimitKey(KeyAttribute.TABLE)
+    limit = Limit(10, 1.0, burst, scope, OnExceed.REJECT, 0.0, key)
+    base = f"p/r|{scope.value}"
+    return LimitTicket("p/r", f"{base}|table={value}", limit, None, value, f"{base}|table~other")
+
+
+def test_keyed_tickets_are_leased_and_fall_back_as_separate_keys() -> None:
+    q = limiter()
+    a, b = keyed("a"), keyed("b")
+    assert q.take((a, b), 0.0).granted  # both on credit
+    items = {str(i["key"]): i for i in q.due(0.0)}
+    assert set(items) == {"p/r|source-app|table=a", "p/r|source-app|table=b"}  # verbatim
+    grant(q, a.key, 3, 0.01, instances=2)
+    grant(q, b.key, 1, 0.01, instances=1)  # repays b's credit: nothing left
+    assert q.take((a,), 0.02).granted
+    assert not q.take((a, b), 0.02).granted  # all or none: a's token stays
+    assert q.leases[a.key].tokens == 1
+    q._failed(OSError("down"))
+    # Each key its own fair share: burst 2 over the instances last reported for it.
+    assert sum(q.take((a,), 1.0).granted for _ in range(10)) == 1
+    assert sum(q.take((b,), 1.0).granted for _ in range(10)) == 2
+
+
+def test_a_keyed_limit_keeps_at_most_max_keys_live_then_shares_an_overflow_bucket() -> None:
+    local = Limiter()
+    local.keys = KeyCap(cap=2)
+    t = {v: keyed(v, Scope.SOURCE_INSTANCE, burst=1) for v in "abcd"}
+    assert local.take((t["a"],), 0.0).granted and local.take((t["b"],), 0.0).granted
+    assert local.take((t["c"],), 0.0).granted  # c: the overflow bucket's one token
+    assert not local.take((t["d"],), 0.0).granted  # d shares it with c
+    assert local.keys.overflowed == 2 and local.keys.live() == 2
+    assert "p/r|source-instance|table=c" not in local.buckets._buckets
+    # Two values beyond the cap in one statement: one token from the shared bucket.
+    assert local.take((t["c"], t["d"]), 2.0).granted
+    # a and b idle past KEY_IDLE: their places go to new values.
+    assert local.take((t["c"],), KEY_IDLE + 1).granted
+    assert local.keys.live() == 1 and local.keys.overflowed == 4
+    q = limiter()  # the same cap on leased keys
+    q.keys = KeyCap(cap=1)
+    q.take((keyed("a"),), 0.0)
+    q.take((keyed("b"),), 0.0)
+    assert set(q.leases) == {"p/r|source-app|table=a", "p/r|source-app|table~other"}
