@@ -50,7 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 # The peers the sidecar benchmarks compare to, the HTTP origin and load tool (Debian
-# packages; needs root). bench/http_sidecar.py's mitmproxy row wants .venv-mitm (see there).
+# packages; needs root). bench/http_sidecar.py's mitmproxy row runs .venv-mitm's (make mitm).
 bench-deps:
 	apt-get update && apt-get install -y haproxy pgbouncer nginx-light wrk
 

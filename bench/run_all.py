@@ -16,6 +16,7 @@ BENCHES = (
     "mysql_corpus_accuracy.py",
     "pg_sidecar.py",
     "mysql_sidecar.py",
+    "http_sidecar.py",
     "control_plane.py",
     "quota.py",
 )

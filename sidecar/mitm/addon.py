@@ -246,8 +246,13 @@ class SluiceAddon:
             f"{target.path}?{target.query}" if self.full_paths and target.query else target.path
         )
         decider = self._decider(service)
-        if decider.needs_headers:
-            headers = tuple((k.lower(), v.strip()) for k, v in req.headers.items(multi=True))
+        names = decider.header_names
+        if names:  # only the headers some rule reads (the decision cache's key)
+            headers = tuple(
+                (low, v.strip())
+                for k, v in req.headers.items(multi=True)
+                if (low := k.lower()) in names
+            )
             decision = decider.decide(method, host, target.path, now, headers)
         else:
             decision = decider.decide(method, host, target.path, now)
