@@ -68,7 +68,9 @@ def parse_window(text: str, days: list[str] | None) -> Window:
         raise WindowSyntaxError(f"start {h1:02d}:{m1:02d} is not a time of day")
     if h2 > 24 or m2 > 59 or (h2 == 24 and m2 != 0):
         raise WindowSyntaxError(f"end {h2:02d}:{m2:02d} is not a time of day (24:00 is allowed)")
-    start, end = h1 * 60 + m1, (h2 * 60 + m2) % MINUTES_PER_DAY
+    # 24:00 ends the day (end 1440): "00:00-24:00" is the whole day, "22:00-24:00" the last
+    # two hours, neither crosses midnight.
+    start, end = h1 * 60 + m1, h2 * 60 + m2
     if start == end:
         raise WindowSyntaxError(f"window {text.strip()!r} is empty (start equals end)")
     day_set = frozenset(range(7)) if days is None else frozenset(parse_day(d) for d in days)

@@ -72,6 +72,17 @@ def test_end_is_exclusive_and_24_00_is_midnight() -> None:
     assert not w.contains(local_time(at("2026-11-24T17:59:59+00:00"), utc))
 
 
+def test_00_00_to_24_00_is_the_whole_day() -> None:
+    w = parse_window("00:00-24:00", ["sat"])
+    utc = ZoneInfo("UTC")
+    assert not w.crosses_midnight
+    assert w.contains(local_time(at("2026-11-28T00:00:00+00:00"), utc))  # Saturday
+    assert w.contains(local_time(at("2026-11-28T23:59:00+00:00"), utc))
+    assert not w.contains(local_time(at("2026-11-29T00:00:00+00:00"), utc))  # Sunday
+    assert not w.contains(local_time(at("2026-11-27T23:59:00+00:00"), utc))  # Friday
+    assert w.describe() == "00:00-24:00 sat"
+
+
 @pytest.mark.parametrize(
     "text", ["", "1-2", "01:00", "01:00-", "1:0-2:00", "24:00-01:00", "10:60-11:00", "23:00-23:00"]
 )
