@@ -11,12 +11,13 @@ import subprocess
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 
-from sidecar.config import HttpTimeouts, Route, SidecarConfig
+from sidecar.config import HttpTimeouts, Route, SidecarConfig, load_config
 from tests.sidecar.conftest import RunningSidecar
 from tests.sidecar.httporigin import INDEX, Nginx, OriginServer
 
@@ -534,3 +535,27 @@ def test_limit_keyed_by_path(origin: OriginServer, web: Callable[..., RunningSid
         assert client.get("/items/1").status_code == 429  # that path's bucket is empty
         assert client.get("/items/2").status_code == 200  # another path, its own bucket
         assert client.get("/items/%31").status_code == 429  # the same path, normalised
+
+
+def test_example_config_runs_the_dry_run_policy(origin: OriginServer, tmp_path: Path) -> None:
+    """examples/sidecar/reporting.yaml with examples/policies: writes to /v1/payments are
+    forwarded and audited as would-deny (the example's dry run)."""
+    example = Path(__file__).parents[2] / "examples" / "sidecar" / "reporting.yaml"
+    config = load_config(example)
+    (route,) = config.routes
+    assert (route.protocol, route.listen, route.http) == (
+        "http",
+        ("127.0.0.1", 8081),
+        HttpTimeouts(),
+    )
+    route = replace(route, listen=("127.0.0.1", 0), upstream=("127.0.0.1", origin.port))
+    config = replace(config, routes=(route,), audit=replace(config.audit, path=None))
+    sc = RunningSidecar(config, Path(config.policies[0]))
+    try:
+        r = httpx.post(f"http://127.0.0.1:{sc.port}/v1/payments/7/refund", content=b"{}")
+        assert r.status_code == 200
+        (event,) = sc.events(lambda e: len(e) >= 1)
+        assert (event.decision, event.action, event.enforced) == ("allow", "deny", False)
+        assert event.rule == "payments-http/reporting-read-only"
+    finally:
+        sc.stop()
