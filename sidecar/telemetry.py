@@ -148,6 +148,9 @@ class TelemetrySink:
 
     def _span(self, event: AuditEvent, verb: str) -> None:
         assert self.tracer is not None
+        if event.method is not None:
+            self._http_span(event)
+            return
         table = event.tables[0] if event.tables else ""
         attrs: dict[str, Any] = {
             "db.system": DB_SYSTEMS.get(event.protocol, event.protocol or "other_sql"),
@@ -182,6 +185,40 @@ class TelemetrySink:
         if event.error:
             span.set_attribute("db.response.status_code", event.error)
             span.set_status(Status(StatusCode.ERROR, f"SQLSTATE {event.error}"))
+        span.end(end_time=end)
+        self.spans += 1
+
+    def _http_span(self, event: AuditEvent) -> None:
+        """An HTTP request's span, with OpenTelemetry's HTTP client attributes."""
+        assert self.tracer is not None
+        attrs: dict[str, Any] = {
+            "http.request.method": event.method,
+            "url.path": event.path or "",
+            "sluice.decision": event.decision,
+            "sluice.action": event.action,
+            "sluice.enforced": event.enforced,
+            "sluice.rules": list(event.rules),
+            "sluice.app": event.app,
+            "sluice.instance": event.instance,
+            "sluice.service": event.service,
+            "sluice.session": event.session,
+            "sluice.policy_version": event.policy_version,
+        }
+        if event.host:
+            attrs["server.address"] = (
+                event.host.rsplit(":", 1)[0] if "]" not in event.host else event.host
+            )
+        if event.rule:
+            attrs["sluice.rule"] = event.rule
+        if event.status is not None:
+            attrs["http.response.status_code"] = event.status
+        start = int(event.time * 1e9)
+        end = start + int((event.duration_ms or 0.0) * 1e6)
+        span = self.tracer.start_span(
+            event.method or "HTTP", kind=SpanKind.CLIENT, attributes=attrs, start_time=start
+        )
+        if event.status is not None and event.status >= 400:  # client spans: 4xx is an error
+            span.set_status(Status(StatusCode.ERROR, f"HTTP {event.status}"))
         span.end(end_time=end)
         self.spans += 1
 

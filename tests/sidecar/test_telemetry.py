@@ -203,6 +203,27 @@ def test_a_span_has_the_events_times() -> None:
     assert span.end_time == span.start_time + 12_500_000
 
 
+def test_an_http_request_span_has_http_attributes() -> None:
+    sink, exporter = sink_with(1.0, lambda: 0.0)
+    sink.record(
+        event(
+            protocol="http", verbs=("POST",), tables=(), statement="POST /v1/payments",
+            decision="deny", rule="payments/no-writes", method="POST", host="payments:8080",
+            path="/v1/payments", status=403,
+        )
+    )  # fmt: skip
+    [span] = exporter.get_finished_spans()
+    assert span.name == "POST"
+    assert span.attributes is not None
+    assert span.attributes["http.request.method"] == "POST"
+    assert span.attributes["url.path"] == "/v1/payments"
+    assert span.attributes["server.address"] == "payments"
+    assert span.attributes["http.response.status_code"] == 403
+    assert "db.system" not in span.attributes
+    assert span.status.status_code is StatusCode.ERROR
+    assert sink.metrics.decisions.values == {("billing", "orders-db", "deny", "POST"): 1}
+
+
 def test_prometheus_text_escaping_buckets_and_series_bound() -> None:
     reg = Registry()
     c = reg.add(Counter("odd", "label values that need escaping", ("v",)))
