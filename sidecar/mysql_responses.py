@@ -11,6 +11,12 @@ statements before a denied one of a multi-statement string, the last result of t
 gets SERVER_MORE_RESULTS_EXISTS set and the sidecar's ERR follows it (the entry's `tail`;
 docs/decisions/0006, item 5). A server error inside the prefix ends the response there and
 the tail is dropped, as the server would have stopped there too.
+
+Cost (bench/README.md, MySQL): this runs for every packet the server sends, so the common
+shapes are followed inside one loop on local variables: a result set's column count,
+definitions and rows (walked in bulk by `protocols.mysql.skip_rows`), and the OK/EOF that
+ends a result nobody audits (`PLAIN_RESULT`: only its status flags are read). A read that
+ends on a packet boundary is forwarded in one piece, without copying it into a buffer first.
 """
 
 from __future__ import annotations
@@ -43,6 +49,11 @@ class Expected:
     tail: Tail | None = None
 
 
+# A result nobody audits (no runs, no tail): one shared entry, as nothing changes an entry
+# without runs or a tail. `responses` follows such results without leaving its loop.
+PLAIN_RESULT = Expected(RESULT)
+
+
 class Responses:
     """The response side of a MySQL session; `MySqlSession` supplies the hooks."""
 
@@ -56,13 +67,20 @@ class Responses:
         self.infile = False  # the server asked for a local file: the app's packets follow
         # Statement id -> (text, inspection, session state at prepare).
         self.prepared: dict[int, tuple[str, tuple[StatementInfo, ...], SessionState]] = {}
-        # Statement id -> (engine, minute or -1, statements, decision) last decided.
-        self.decisions: dict[int, tuple[object, int, tuple[StatementInfo, ...], Decision]] = {}
+        # Statement id -> (engine, minute or -1, statements, decision, plain) last decided;
+        # plain: an allow with nothing to audit, limit or remember (the session's `_plain`).
+        self.decisions: dict[
+            int, tuple[object, int, tuple[StatementInfo, ...], Decision, bool]
+        ] = {}
         self._sin = bytearray()
         self._where = _FIRST
         self._count = 0
         self._rows = 0
         self._continued = False  # the last packet was 0xFFFFFF long: this one continues it
+        self._flip = -1  # where the status byte to flag SERVER_MORE_RESULTS_EXISTS in is
+        # The NO_BACKSLASH_ESCAPES bit of the last status flags seen (the session sets it
+        # from the greeting): `server_status` is called when it changes.
+        self._nbe = 0
 
     # hooks the session implements
     def record(self, run: Run, rows: int | None, error: str | None) -> None: ...
@@ -82,7 +100,12 @@ class Responses:
         prepared: Prepared | None = None,
         tail: Tail | None = None,
     ) -> None:
-        self.pending.append(Expected(kind, deque(runs or ()), prepared=prepared, tail=tail))
+        if runs is not None and all(run is None for run in runs):
+            runs = None  # statements without audit events: nothing to record per result
+        if kind == RESULT and runs is None and tail is None:
+            self.pending.append(PLAIN_RESULT)
+        else:
+            self.pending.append(Expected(kind, deque(runs or ()), prepared=prepared, tail=tail))
 
     def answer(self, packet: bytes) -> None:
         """Our own answer to a command: now, or after the responses the app waits for."""
@@ -98,44 +121,124 @@ class Responses:
     # the server's side
 
     def responses(self, data: bytes) -> None:
-        buf = self._sin
-        buf += data
-        pos = fwd = 0
+        """Follow the server's packets and forward them; runs of bytes that need no change
+        go out as they came, in one piece (the read itself when it ends on a packet
+        boundary, as it nearly always does)."""
+        if self.closing is not None:
+            return  # nothing more goes to the app
+        buf: bytes | bytearray = data
+        sin = self._sin
+        if sin:  # the end of a packet the last read cut
+            sin += data
+            buf = sin
+        size = len(buf)
         out = self.to_client
+        pending = self.pending
+        deprecate_eof = self.deprecate_eof
+        where, rows, count, continued = self._where, self._rows, self._count, self._continued
+        pos = fwd = 0
         try:
-            size = len(buf)
-            while self.closing is None:
-                if size - pos < 4:
-                    break
+            while size - pos >= 4:
                 length = buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16
                 end = pos + 4 + length
                 if end > size:
                     break
-                if self._continued:
-                    self._continued = length == my.MAX_PACKET
-                elif self.pending:
-                    self._continued = length == my.MAX_PACKET
-                    if self._where == _ROWS and length and buf[pos + 4] < my.EOF:
-                        self._rows += 1  # a row (not EOF, not ERR): the bulk of a result
-                    elif self._packet(buf, pos + 4, end):
-                        out += buf[fwd:end]
-                        fwd = end
-                        self._locals(out)
-                pos = end
+                if continued or not pending:  # a continuation, or nothing asked: pass on
+                    continued = continued and length == my.MAX_PACKET
+                    pos = end
+                    continue
+                continued = length == my.MAX_PACKET
+                first = buf[pos + 4] if length else -1
+                # What a result set spends its packets on is followed here, with local
+                # variables, and so is the end of a result nobody audits (PLAIN_RESULT:
+                # only its status flags matter); `_packet` sees the rest (errors, results
+                # with audit events, prepares, authentication...).
+                status = -1
+                if where == _ROWS:
+                    if 0 <= first < my.EOF:
+                        rows += 1  # a row: the bulk of a result, walked in one go
+                        if not continued:
+                            end, n = my.skip_rows(buf, end, size)
+                            rows += n
+                        pos = end
+                        continue
+                    if (
+                        first == my.EOF
+                        and pending[0] is PLAIN_RESULT
+                        and length >= 5
+                        and (
+                            length < my.MAX_PACKET and buf[pos + 5] < 0xFB and buf[pos + 6] < 0xFB
+                            if deprecate_eof
+                            else length < 9
+                        )
+                    ):
+                        status = buf[pos + 7] | buf[pos + 8] << 8  # EOF, or OK in its place
+                elif where == _FIRST:
+                    if pending[0] is PLAIN_RESULT:
+                        if my.OK < first < my.LOCAL_INFILE:
+                            where, count, rows = _COLUMNS, first, 0  # the column count
+                            pos = end
+                            continue
+                        if (
+                            first == my.OK
+                            and length >= 5
+                            and buf[pos + 5] < 0xFB  # affected rows and insert id: one
+                            and buf[pos + 6] < 0xFB  # byte each, so the status is at 3
+                        ):
+                            status = buf[pos + 7] | buf[pos + 8] << 8  # OK: no result set
+                elif where == _COLUMNS:
+                    count -= 1
+                    if count <= 0:
+                        where = _ROWS if deprecate_eof else _COLUMNS_EOF
+                    pos = end
+                    continue
+                elif where == _COLUMNS_EOF and not (
+                    length >= 5 and buf[pos + 7] & my.SERVER_STATUS_CURSOR_EXISTS
+                ):
+                    where = _ROWS  # the EOF after the columns; no cursor: rows follow
+                    pos = end
+                    continue
+                if status >= 0:
+                    pos = end
+                    if status & my.SERVER_STATUS_NO_BACKSLASH_ESCAPES != self._nbe:
+                        self._status(status)
+                    where = _FIRST
+                    if status & my.SERVER_MORE_RESULTS_EXISTS:
+                        continue
+                    pending.popleft()
+                    count = rows = 0
+                else:
+                    self._where, self._rows, self._count = where, rows, count
+                    done = self._packet(buf, pos + 4, end)
+                    where, rows, count = self._where, self._rows, self._count
+                    pos = end
+                    if not done:
+                        continue
+                # The response at the head ended.
+                if self._flip >= 0:  # SERVER_MORE_RESULTS_EXISTS: our ERR follows
+                    out += buf[fwd : self._flip]
+                    out.append(buf[self._flip] | my.SERVER_MORE_RESULTS_EXISTS)
+                    fwd, self._flip = self._flip + 1, -1
+                if pending and pending[0].kind == LOCAL:
+                    out += buf[fwd:pos]
+                    fwd = pos
+                    while pending and pending[0].kind == LOCAL:
+                        out += pending.popleft().local
+                if self.closing is not None:
+                    break
         except my.ProtocolError as exc:
             out += buf[fwd:pos]
-            del buf[:pos]
             self._fail(f"invalid packet from the server: {exc}")
             return
-        out += buf[fwd:pos]
-        del buf[:pos]
+        self._where, self._rows, self._count, self._continued = where, rows, count, continued
+        if pos > fwd:
+            out += buf if fwd == 0 and pos == size else buf[fwd:pos]
+        if buf is sin:
+            del sin[:pos]
+        elif pos < size:
+            sin += buf[pos:]  # part of a packet: kept for the next read
 
-    def _locals(self, out: bytearray) -> None:
-        pending = self.pending
-        while pending and pending[0].kind == LOCAL:
-            out += pending.popleft().local
-
-    def _packet(self, buf: bytearray, start: int, end: int) -> bool:
+    def _packet(self, buf: bytes | bytearray, start: int, end: int) -> bool:
         """Follow one packet of the response at the head; True when that response ended."""
         head = self.pending[0]
         kind = head.kind
@@ -154,7 +257,7 @@ class Responses:
             if where == _FIRST:
                 if first == my.OK:
                     rows, status = my.ok_info(buf[start:end])
-                    self.server_status(status)
+                    self._status(status)
                     return self._result_done(head, rows, status, buf, start, end)
                 if first == my.ERR:
                     return self._error(head, buf, start, end)
@@ -184,10 +287,18 @@ class Responses:
                 return self._done()
             return first == my.ERR and self._done()  # else: switch or more data, go on
         if first == my.OK:  # SIMPLE
-            self.server_status(my.ok_info(buf[start:end])[1])
+            self._status(my.ok_info(buf[start:end])[1])
         return self._done()
 
-    def _prepare_ok(self, head: Expected, buf: bytearray, start: int, end: int, first: int) -> bool:
+    def _status(self, status: int) -> None:
+        nbe = status & my.SERVER_STATUS_NO_BACKSLASH_ESCAPES
+        if nbe != self._nbe:
+            self._nbe = nbe
+            self.server_status(status)
+
+    def _prepare_ok(
+        self, head: Expected, buf: bytes | bytearray, start: int, end: int, first: int
+    ) -> bool:
         if self._where == _SKIP:
             self._count -= 1
             return self._count <= 0 and self._done()
@@ -208,16 +319,22 @@ class Responses:
         self._where = _SKIP
         return False
 
-    def _terminator(self, buf: bytearray, start: int, end: int) -> int:
+    def _terminator(self, buf: bytes | bytearray, start: int, end: int) -> int:
         if self.deprecate_eof:
             status = my.ok_info(buf[start:end])[1]
         else:
             status = my.eof_status(buf[start:end])
-        self.server_status(status)
+        self._status(status)
         return status
 
     def _result_done(
-        self, head: Expected, rows: int | None, status: int, buf: bytearray, start: int, end: int
+        self,
+        head: Expected,
+        rows: int | None,
+        status: int,
+        buf: bytes | bytearray,
+        start: int,
+        end: int,
     ) -> bool:
         """A result ended with the OK/EOF packet `buf[start:end]` (status `status`)."""
         if head.runs:
@@ -231,7 +348,9 @@ class Responses:
             self._then_deny(head, head.tail, buf, start, end)
         return self._done()
 
-    def _then_deny(self, head: Expected, tail: Tail, buf: bytearray, start: int, end: int) -> None:
+    def _then_deny(
+        self, head: Expected, tail: Tail, buf: bytes | bytearray, start: int, end: int
+    ) -> None:
         """The forwarded prefix ran to its end: say more results follow, then our ERR."""
         run, err = tail
         head.tail = None
@@ -239,12 +358,12 @@ class Responses:
         at = my.status_offset(buf, start, end, eof)
         if at < 0:  # protocol 4.1 always sends the status; without it the ERR cannot follow
             raise my.ProtocolError("result ends without status flags")
-        buf[at] |= my.SERVER_MORE_RESULTS_EXISTS  # a low-byte flag
+        self._flip = at  # `responses` sets the flag (a low-byte one) as it forwards the byte
         self.record(run, None, my.err_fields(err).sqlstate)
         seq = buf[start - 1]  # the header of the packet whose payload starts at `start`
         self.pending.insert(1, Expected(LOCAL, local=my.packets(err, (seq + 1) & 0xFF)))
 
-    def _error(self, head: Expected, buf: bytearray, start: int, end: int) -> bool:
+    def _error(self, head: Expected, buf: bytes | bytearray, start: int, end: int) -> bool:
         err = my.err_fields(buf[start:end])
         code = err.sqlstate or str(err.code)
         if head.runs:

@@ -106,11 +106,39 @@ class MySqlSession(SessionAudit, rs.Responses):
     # -- app -> server ----------------------------------------------------------------------
 
     def client_data(self, data: bytes) -> None:
-        self._cin += data
         try:
+            size = len(data) - 4
+            if (  # the common case: one whole command (one packet) in one read
+                0 < size < my.MAX_PACKET
+                and data[3] == 0
+                and (data[0] | data[1] << 8 | data[2] << 16) == size
+                and not self._cin
+                and self._phase == _COMMAND
+                and self.wait == 0.0
+                and self.closing is None
+                and not self.infile
+                and size <= self.ctx.max_message
+            ):
+                if data[4] != my.COM_STMT_EXECUTE or size < 5 or not self._execute_again(data):
+                    self._one_command(data)
+                return
+            self._cin += data
             self._client_packets()
         except my.ProtocolError as exc:
             self._fail(f"invalid packet from the client: {exc}")
+
+    def _one_command(self, packet: bytes) -> None:
+        """`_client_packets` for a read that holds one whole command packet (sequence id 0):
+        the read itself goes upstream (unless rewritten, held or answered), with no copy
+        into the input buffer and back out."""
+        self._cseq = 0
+        forward = self._command(packet[4:], 0)
+        rewritten, self._rewritten = self._rewritten, None
+        if forward:
+            if self.wait:
+                self._held = packet if rewritten is None else rewritten
+            else:
+                self.to_server += packet if rewritten is None else rewritten
 
     def release(self) -> None:
         """The delay of a limited command is over: send it and go on."""
@@ -154,9 +182,31 @@ class MySqlSession(SessionAudit, rs.Responses):
             out += buf[fwd:pos]
             del buf[:pos]
 
+    def _execute_again(self, packet: bytes) -> bool:
+        """Forward an execution as it came when its statement's cached decision is a plain
+        allow (nothing to audit, limit or remember) and still holds: the same policy set
+        and, with time windows, the same minute (`_decide_prepared`). False: decide it."""
+        cached = self.decisions.get(packet[5] | packet[6] << 8 | packet[7] << 16 | packet[8] << 24)
+        if cached is None or not cached[4]:
+            return False
+        ctx = self.ctx
+        if cached[0] is not ctx.decider.engine:
+            return False
+        if cached[1] >= 0 and cached[1] != int(ctx.clock() // 60):
+            return False
+        self._cseq = 0
+        self.pending.append(rs.PLAIN_RESULT)
+        self.to_server += packet
+        return True
+
     def _command_at(self, buf: bytearray, pos: int) -> tuple[int, bytes, int]:
         """(end, payload, last sequence id) of the logical packet at `pos`, or end -1."""
         size = len(buf)
+        if size - pos >= 4:  # the common case: one packet (shorter than 0xFFFFFF)
+            length = buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16
+            end = pos + 4 + length
+            if length < my.MAX_PACKET and end <= size and length <= self.ctx.max_message:
+                return end, bytes(buf[pos + 4 : end]), buf[pos + 3]
         at = pos
         chunks: list[bytes] = []
         total = 0
@@ -330,9 +380,22 @@ class MySqlSession(SessionAudit, rs.Responses):
         statements, decision = ctx.decider.decide(sql, now, state)
         resolved, decision = self._resolve(statements, decision, now)
         if resolved is statements:
-            timeless = engine.view(ctx.peer).timeless
-            self.decisions[stmt_id] = (engine, -1 if timeless else minute, statements, decision)
+            valid = -1 if engine.view(ctx.peer).timeless else minute
+            plain = self._plain(statements, decision)
+            self.decisions[stmt_id] = (engine, valid, statements, decision, plain)
         return sql, resolved, decision
+
+    def _plain(self, statements: tuple[StatementInfo, ...], decision: Decision) -> bool:
+        """Whether an execution with this decision needs nothing but forwarding: allowed,
+        no limit (dry-run ones included), no audit event, no SQL-level PREPARE/DEALLOCATE
+        to follow (`_execute_again` then skips the rest of `_execute`)."""
+        return (
+            decision.applied is Action.ALLOW
+            and not decision.limits
+            and not decision.dry_limits
+            and not self._wants(decision)
+            and all(s.prepare_name is None and s.deallocate_name is None for s in statements)
+        )
 
     def remember_prepared(
         self, stmt_id: int, sql: str, statements: tuple[StatementInfo, ...]
@@ -396,6 +459,8 @@ class MySqlSession(SessionAudit, rs.Responses):
             bad = (parse_error(f"cannot decode the statement: {exc}"),)
             return raw.decode("latin-1"), bad, ctx.decider.engine.decide_all(ctx.peer, bad, now)
         statements, decision = ctx.decider.decide(sql, now, self.state)
+        if '"' not in sql and "\\" not in sql:  # read one way only (`_other_readings`)
+            return (sql, *self._resolve(statements, decision, now))
         for state in self._other_readings(sql, statements):
             other, d = ctx.decider.decide(sql, now, state)
             if _SEVERITY.get(d.applied, 0) > _SEVERITY.get(decision.applied, 0):
@@ -476,6 +541,7 @@ class MySqlSession(SessionAudit, rs.Responses):
             & my.SERVER_STATUS_NO_BACKSLASH_ESCAPES
         )
         self.state = _state(g.version or 101100, g.mariadb, False, nbe)
+        self._nbe = my.SERVER_STATUS_NO_BACKSLASH_ESCAPES if nbe else 0
         self.to_client += my.packets(my.strip_greeting(payload, g), 0)
         self._phase = _HANDSHAKE
         if self._cin:
