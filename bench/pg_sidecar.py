@@ -17,8 +17,14 @@ Every proxy runs as a child process on a free loopback port with a config writte
 dir; HAProxy is given one thread, like the others. Configurations run in a rotating order
 within each round; `--repeat N` takes medians over N rounds. HAProxy and PgBouncer rows are
 skipped, with a message, where the binaries are absent (`make bench-deps` installs them).
+`--transactions N` gives every path the same N transactions per client instead of the same
+seconds (on a shared machine, CPU per transaction then compares like with like).
+`--baseline DIR` adds a row "sidecar base": the same sidecar run from another copy of the
+source tree (say, the last commit, exported to DIR), measured in the same rounds, so a change
+is compared with what it replaces under the same machine load.
 
-    python bench/pg_sidecar.py [--duration 10] [--repeat 1] [--no-audit-all]
+    python bench/pg_sidecar.py [--duration 10 | --transactions N] [--repeat 1] [--no-audit-all]
+                               [--modes simple,extended,prepared] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -59,6 +65,20 @@ class Target:
     name: str
     port: int
     proc: subprocess.Popen[bytes] | None = None
+
+
+@dataclass(frozen=True)
+class Amount:
+    """How long each pgbench run lasts: seconds, or transactions per client (the same work
+    for every path, so that CPU per transaction compares like with like under load)."""
+
+    seconds: float
+    transactions: int | None = None
+
+    def argv(self) -> list[str]:
+        if self.transactions is not None:
+            return ["-t", str(self.transactions)]
+        return ["-T", str(int(self.seconds))]
 
 
 @dataclass(frozen=True)
@@ -110,10 +130,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(name: str, argv: Sequence[str], port: int, tmp: Path) -> Target | None:
+def start(
+    name: str, argv: Sequence[str], port: int, tmp: Path, env: dict[str, str] | None = None
+) -> Target | None:
     """Start a proxy and wait until it accepts connections; None (and why) if it cannot."""
     err = open(tmp / f"{name}.stderr", "wb")  # noqa: SIM115 - lives as long as the process
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp, env=env)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -183,9 +205,16 @@ def relay(tmp: Path) -> Target | None:
     return start("relay", [*argv, str(PG_PORT)], port, tmp)
 
 
-def sidecar(tmp: Path, policies: Path, audit_all: bool) -> Target | None:
+def sidecar(
+    tmp: Path, policies: Path, audit_all: bool, source: Path | None = None
+) -> Target | None:
+    """The sidecar; with `source`, run from that copy of the source tree ("sidecar base")."""
     port = free_port()
     name = "sidecar audit=all" if audit_all else "sidecar"
+    env = None
+    if source is not None:
+        name = "sidecar base"
+        env = {**os.environ, "PYTHONPATH": str(source)}
     argv = [str(SIDECAR), "sidecar", "--app", "bench", "--service", "orders-db"]
     argv += ["--listen", f"127.0.0.1:{port}", "--upstream", f"{PG_HOST}:{PG_PORT}"]
     argv += ["--policies", str(policies), "--log-level", "warning"]
@@ -193,7 +222,7 @@ def sidecar(tmp: Path, policies: Path, audit_all: bool) -> Target | None:
         argv += ["--audit", "all", "--audit-log", str(tmp / "audit.jsonl")]
     else:
         argv += ["--audit", "non-allow"]
-    return start(name, argv, port, tmp)
+    return start(name, argv, port, tmp, env)
 
 
 def check_policy_active(target: Target) -> None:
@@ -215,9 +244,9 @@ def cpu_ticks(target: Target) -> int:
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
 
 
-def pgbench(target: Target, mode: str, seconds: float, logdir: Path | None) -> Run:
+def pgbench(target: Target, mode: str, amount: Amount, logdir: Path | None) -> Run:
     argv = ["pgbench", "-h", "127.0.0.1", "-p", str(target.port), "-U", PG_USER, "-n", "-S"]
-    argv += ["-M", mode, "-c", str(CLIENTS), "-j", str(THREADS), "-T", str(int(seconds))]
+    argv += ["-M", mode, "-c", str(CLIENTS), "-j", str(THREADS), *amount.argv()]
     if logdir is not None:
         logdir.mkdir(parents=True)
         argv += ["-l", f"--sampling-rate={LOG_SAMPLING}", f"--log-prefix={logdir / 'tx'}"]
@@ -259,12 +288,12 @@ def _latencies(logdir: Path) -> list[float]:
 
 
 def measure(
-    targets: list[Target], seconds: float, repeat: int, tmp: Path, modes: tuple[str, ...]
+    targets: list[Target], amount: Amount, repeat: int, tmp: Path, modes: tuple[str, ...]
 ) -> dict[str, dict[str, list[Run]]]:
     """mode -> target name -> runs; the order of targets rotates from one run to the next."""
     runs: dict[str, dict[str, list[Run]]] = {m: {t.name: [] for t in targets} for m in modes}
     for target in targets:  # warm up: connections, caches, the sidecar's decisions
-        pgbench(target, "simple", 2, None)
+        pgbench(target, "simple", Amount(2), None)
     turn = 0
     for r in range(repeat):
         for mode in modes:
@@ -272,7 +301,7 @@ def measure(
             turn += 1
             for target in order:
                 logdir = tmp / "logs" / f"{r}-{mode}-{target.name.replace(' ', '_')}"
-                run = pgbench(target, mode, seconds, logdir)
+                run = pgbench(target, mode, amount, logdir)
                 shutil.rmtree(logdir)
                 runs[mode][target.name].append(run)
                 print(f"  round {r + 1} -M {mode:8} {target.name:18} {run.tps:9.0f} tps")
@@ -341,12 +370,24 @@ def verdicts(medians: dict[str, dict[str, Run]]) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10, help="seconds per pgbench run")
+    parser.add_argument(
+        "--transactions",
+        type=int,
+        help="transactions per client per pgbench run (pgbench -t) instead of --duration",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="rounds; medians are reported")
     parser.add_argument("--no-audit-all", action="store_true", help="skip the audit=all row")
     parser.add_argument(
         "--modes", default=",".join(MODES), help="pgbench -M modes, comma-separated (default: all)"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a copy of the source tree to run as a second sidecar row, 'sidecar base'",
+    )
     args = parser.parse_args()
+    if args.baseline is not None and not (args.baseline / "sidecar" / "server.py").is_file():
+        parser.error(f"--baseline: {args.baseline} holds no sidecar/server.py")
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - set(MODES):
         parser.error(f"--modes: choose from {', '.join(MODES)}")
@@ -372,6 +413,9 @@ def main() -> int:
                 relay(tmp),
                 sidecar(tmp, policies, audit_all=False),
                 None if args.no_audit_all else sidecar(tmp, policies, audit_all=True),
+                None
+                if args.baseline is None
+                else sidecar(tmp, policies, audit_all=False, source=args.baseline.resolve()),
             ):
                 if made is not None:
                     targets.append(made)
@@ -379,7 +423,8 @@ def main() -> int:
                 if target.name.startswith("sidecar"):
                     check_policy_active(target)
             flush()
-            runs = measure(targets, args.duration, args.repeat, tmp, modes)
+            amount = Amount(args.duration, args.transactions)
+            runs = measure(targets, amount, args.repeat, tmp, modes)
         finally:
             for target in targets:
                 stop(target)

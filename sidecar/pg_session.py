@@ -20,6 +20,16 @@ statement is decided:
 Responses are matched to requests with one FIFO of tracked messages (Parse, Bind, Execute or
 simple-query statement, Sync), which also yields each statement's duration, rows and error
 code for its audit event.
+
+Both framing loops run for every message of every transaction, so they are written for the
+common case: a message that passes unchanged costs its header and a table lookup (Bind and
+the server's answers a dict or deque operation more), and runs of them are forwarded as one
+slice. A Parse of a text already decided in this session costs one comparison (the same
+message as the last one) or one dict lookup, and an Execute of a statement whose last
+decision was a plain allow (nothing to limit, audit or count) a lookup of its portal; both
+then check that the decision still holds (same policy set and, with time windows, the same
+minute; for a text with a backslash, no answer outstanding). Everything else leaves the
+loop for a method.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from policies.engine import Decision
+from policies.engine import Decision, Engine
 from policies.spec import Action
 from policies.sql.inspect import POSTGRES, SessionState
 from policies.sql.model import StatementInfo, parse_error
@@ -40,8 +50,53 @@ DENIED = "42501"  # insufficient_privilege: what the server says for a missing G
 LIMITED = "53400"  # configuration_limit_exceeded
 PROTOCOL_VIOLATION = "08P01"
 
-# Tracked requests, in the order the server answers them.
+# Tracked requests, in the order the server answers them: (kind, audit run or None).
 _PARSE, _PARSE_SWALLOW, _BIND, _BIND_SWALLOW, _EXEC, _SYNC = range(6)
+_Tracked = tuple[int, Run | None]
+# The entries without a run, made once: most of what the FIFO holds.
+_PARSED: _Tracked = (_PARSE, None)
+_BOUND: _Tracked = (_BIND, None)
+_EXECUTED: _Tracked = (_EXEC, None)
+_SYNCED: _Tracked = (_SYNC, None)
+
+
+def _kinds(codes: dict[bytes, int]) -> bytes:
+    """Message type byte -> what a framing loop does with it; 0: pass it on unchanged."""
+    table = bytearray(256)
+    for kind, code in codes.items():
+        table[kind[0]] = code
+    return bytes(table)
+
+
+_C_BIND, _C_EXECUTE, _C_SYNC, _C_PARSE, _C_QUERY, _C_CLOSE, _C_CALL, _C_TERMINATE = range(1, 9)
+_CLIENT_KINDS = _kinds(
+    {
+        b"B": _C_BIND,
+        b"E": _C_EXECUTE,
+        b"S": _C_SYNC,
+        b"P": _C_PARSE,
+        b"Q": _C_QUERY,
+        b"C": _C_CLOSE,
+        b"F": _C_CALL,  # FunctionCall
+        b"X": _C_TERMINATE,
+    }
+)
+_S_DONE, _S_READY, _S_PARSED, _S_ERROR, _S_PARAMETER, _S_KEY, _S_AUTH = range(1, 8)
+_SERVER_KINDS = _kinds(
+    {
+        b"C": _S_DONE,  # CommandComplete
+        b"I": _S_DONE,  # EmptyQueryResponse
+        b"s": _S_DONE,  # PortalSuspended
+        b"Z": _S_READY,
+        b"1": _S_PARSED,  # ParseComplete
+        b"2": _S_PARSED,  # BindComplete
+        b"E": _S_ERROR,
+        b"S": _S_PARAMETER,
+        b"K": _S_KEY,  # BackendKeyData
+        b"R": _S_AUTH,
+    }
+)
+_BYTES = tuple(bytes((k,)) for k in range(256))  # one-byte values without allocating
 
 _STARTUP, _AUTH, _READY = range(3)
 _OPAQUE_CALL = StatementInfo(verb="CALL", verbs=frozenset({"CALL"}), opaque=True)
@@ -51,36 +106,43 @@ _UNSETTLED = (
     "contains a backslash and was sent before the server answered earlier statements that "
     "may change how it reads backslashes (standard_conforming_strings, client_encoding)"
 )
-# PostgreSQL client encodings -> Python codecs. SQL_ASCII passes bytes through unchanged,
-# which latin-1 reproduces one to one. An encoding missing here is not guessed at: its
-# statements are treated as unparseable (see _decide_text).
-_PG_ENCODINGS = {
-    "UTF8": "utf-8",
-    "SQL_ASCII": "latin-1",
-    **{
-        f"LATIN{n}": f"iso8859_{p}"
-        for n, p in zip(range(1, 11), (1, 2, 3, 4, 9, 10, 13, 14, 15, 16), strict=True)
-    },
-    **{f"ISO_8859_{n}": f"iso8859_{n}" for n in (5, 6, 7, 8)},
-    **{
-        f"WIN{n}": f"cp{n}"
-        for n in (866, 874, 1250, 1251, 1252, 1253, 1254, 1255, 1256, 1257, 1258)
-    },
-    "KOI8R": "koi8_r",
-    "KOI8U": "koi8_u",
-    "EUC_JP": "euc_jp",
-    "EUC_CN": "gb2312",
-    "EUC_KR": "euc_kr",
-    "EUC_JIS_2004": "euc_jis_2004",
-    "SJIS": "shift_jis",
-    "SHIFT_JIS_2004": "shift_jis_2004",
-    "BIG5": "big5",
-    "GBK": "gbk",
-    "GB18030": "gb18030",
-    "UHC": "cp949",
-    "JOHAB": "johab",
-}
-_UNKNOWN_ENCODING = "unknown"
+
+
+class _Prepared:
+    """A statement the app parsed, and its last decision: shared by every name and portal
+    it was parsed or bound as, and by the Parse memo (one text, one session)."""
+
+    __slots__ = ("decision", "engine", "minute", "plain", "slash", "sql", "statements")
+
+    def __init__(
+        self, sql: str, statements: tuple[StatementInfo, ...], decision: Decision, slash: bool
+    ) -> None:
+        self.sql = sql
+        self.statements = statements
+        self.slash = slash  # the text has a backslash: reused only when the state is settled
+        self.decision = decision
+        self.engine: Engine | None = None  # the decision holds for this engine ...
+        self.minute = -1  # ... and this minute (-1: any minute, no rule has a time window)
+        # The engine while the decision is a plain allow (an Execute then only needs its
+        # answer matched), else None.
+        self.plain: Engine | None = None
+
+    def keep(self, decision: Decision, engine: Engine, minute: int) -> None:
+        """Keep a decision for reuse while the engine (and, with time windows, the minute)
+        stays the same."""
+        statements = self.statements
+        self.decision, self.engine, self.minute = decision, engine, minute
+        plain = (
+            decision.applied is Action.ALLOW
+            and decision.action is Action.ALLOW
+            and not decision.audit
+            and not decision.limits
+            and not decision.dry_limits
+            and len(statements) == 1
+            and statements[0].prepare_name is None
+            and statements[0].deallocate_name is None
+        )
+        self.plain = engine if plain else None
 
 
 class PgSession(SessionAudit):
@@ -102,33 +164,187 @@ class PgSession(SessionAudit):
         self.wait = 0.0  # > 0: the driver holds client input this long, then release()
         self.transaction = b"I"
         self._held: bytes | None = None
-        self._cin = bytearray()
-        self._sin = bytearray()
+        self._cin = bytearray()  # an incomplete message from the app, until the rest comes
+        self._sin = bytearray()  # the same from the server
         self._phase = _STARTUP
-        self._pending: deque[tuple[int, Run | None]] = deque()
+        self._pending: deque[_Tracked] = deque()
         self._discarding = False  # after a denied Parse/Execute: drop until Sync
-        self._statements: dict[bytes, tuple[str, tuple[StatementInfo, ...]]] = {}
-        # Per Parse text: (engine, minute or -1, sql, statements, decision), reset when the
-        # session's reading of text changes (standard_conforming_strings, client_encoding).
-        self._parsed: dict[bytes, tuple[object, int, str, tuple[StatementInfo, ...], Decision]] = {}
-        # Per prepared statement: (engine, minute or -1, statements, decision) last decided.
-        self._decisions: dict[bytes, tuple[object, int, tuple[StatementInfo, ...], Decision]] = {}
-        self._portals: dict[bytes, bytes] = {}
+        self._statements: dict[bytes, _Prepared] = {}  # by statement name
+        self._portals: dict[bytes, _Prepared | None] = {}  # what each portal was bound to
+        # Per Parse text, reset when the session's reading of text changes
+        # (standard_conforming_strings, client_encoding): apps re-Parse the same texts.
+        self._parsed: dict[bytes, _Prepared] = {}
+        # The last Parse message found in `_parsed`: (message, statement name, statement).
+        self._last_parse: tuple[bytes, bytes, _Prepared] | None = None
         self._sql_prepared: dict[str, StatementInfo] = {}
         self.state: SessionState = POSTGRES
         self.encoding = "utf-8"
 
     # -- app -> server ----------------------------------------------------------------------
 
-    def client_data(self, data: bytes) -> None:
-        self._cin += data
-        try:
-            if self._phase == _STARTUP:
+    def client_data(self, data: bytes | bytearray) -> None:
+        cin = self._cin
+        if self._phase == _STARTUP:
+            cin += data
+            data = b""
+            try:
                 self._startup()
-            if self._phase != _STARTUP:
-                self._client_messages()
+            except pg.ProtocolError as exc:
+                self._fail(f"invalid message from the client: {exc}")
+            if self._phase == _STARTUP or self.closing is not None:
+                return
+        buf: bytes | bytearray
+        if cin:  # the rest of a message that came in pieces
+            cin += data
+            buf = cin
+        else:  # the usual case: frame the read itself, keep only an incomplete tail
+            buf = data
+        size = len(buf)
+        pos = fwd = 0  # bytes before `fwd` are dealt with; fwd..pos go on unchanged
+        out = self.to_server
+        ctx = self.ctx
+        # On a malformed message, what came before it is still forwarded, as it would
+        # have been had it arrived in an earlier read: the output must not depend on how
+        # the input was split.
+        try:
+            if self.wait or self.closing is not None:
+                return
+            limit = ctx.max_message
+            header = pg.unpack_header
+            kinds = _CLIENT_KINDS
+            pending = self._pending
+            portals = self._portals
+            engine = ctx.decider.engine
+            runless = not ctx.record_all  # a plain allow then needs no audit run
+            minute = -1  # read from the clock once, when a timed decision is reused
+            discarding = self._discarding
+            while size - pos >= 5:
+                kind, length = header(buf, pos)
+                if length < 4 or length > limit:
+                    raise pg.bad_length(kind, length)
+                end = pos + 1 + length
+                if end > size:
+                    break
+                if discarding:
+                    out += buf[fwd:pos]
+                    fwd = end
+                    if kind == 0x53:  # Sync ends the error state
+                        discarding = self._discarding = False
+                        out += buf[pos:end]
+                        pending.append(_SYNCED)
+                    pos = end
+                    continue
+                code = kinds[kind]
+                if not code:  # Describe, Flush, CopyData/Done/Fail, password messages
+                    pass
+                elif code == _C_BIND:
+                    # Unnamed portals and statements are the rule: test a byte before
+                    # searching for the NUL.
+                    nul = (
+                        pos + 5 if end > pos + 5 and not buf[pos + 5] else buf.find(0, pos + 5, end)
+                    )
+                    at = (
+                        nul + 1 if end > nul + 1 and not buf[nul + 1] else buf.find(0, nul + 1, end)
+                    )
+                    if nul < 0 or at < 0:
+                        raise pg.ProtocolError(pg.UNTERMINATED)
+                    name = b"" if at == nul + 1 else bytes(buf[nul + 1 : at])
+                    portal = b"" if nul == pos + 5 else bytes(buf[pos + 5 : nul])
+                    portals[portal] = self._statements.get(name)
+                    pending.append(_BOUND)
+                elif code == _C_EXECUTE:
+                    if end > pos + 5 and not buf[pos + 5]:
+                        bound = portals.get(b"")
+                    else:
+                        nul = buf.find(0, pos + 5, end)
+                        if nul < 0:
+                            raise pg.ProtocolError(pg.UNTERMINATED)
+                        bound = portals.get(bytes(buf[pos + 5 : nul]))
+                    if bound is not None and bound.plain is engine and runless:
+                        if minute < 0 <= bound.minute:
+                            minute = int(ctx.clock() // 60)
+                        if bound.minute < 0 or bound.minute == minute:
+                            pending.append(_EXECUTED)
+                            pos = end
+                            continue
+                    replacement = self._execute(buf, pos, end, bound)
+                    if replacement is not None:
+                        out += buf[fwd:pos]
+                        out += replacement
+                        fwd = end
+                    discarding = self._discarding
+                    if self.wait:
+                        pos = end
+                        break
+                elif code == _C_SYNC:
+                    pending.append(_SYNCED)
+                elif code == _C_PARSE:
+                    # Apps re-Parse the same texts (unnamed statements), most often the
+                    # very message they sent last: then one comparison finds its decision.
+                    last = self._last_parse
+                    known: _Prepared | None
+                    if last is not None and buf.startswith(last[0], pos):
+                        name, known, new = last[1], last[2], False
+                    else:
+                        nul = buf.find(0, pos + 5, end)
+                        at = buf.find(0, nul + 1, end) if nul >= 0 else -1
+                        if at < 0:
+                            raise pg.ProtocolError(pg.UNTERMINATED)
+                        known = self._parsed.get(bytes(buf[nul + 1 : at]))
+                        name = b"" if nul == pos + 5 else bytes(buf[pos + 5 : nul])
+                        new = True
+                    if (
+                        known is not None
+                        and known.engine is engine
+                        and known.decision.applied is not Action.DENY
+                        and not (known.slash and pending)
+                    ):
+                        if minute < 0 <= known.minute:
+                            minute = int(ctx.clock() // 60)
+                        if known.minute < 0 or known.minute == minute:
+                            if new:
+                                self._last_parse = (bytes(buf[pos:end]), name, known)
+                            self._statements[name] = known
+                            pending.append(_PARSED)
+                            pos = end
+                            continue
+                    replacement = self._parse(buf, pos, end)
+                    if replacement is not None:
+                        out += buf[fwd:pos]
+                        out += replacement
+                        fwd = end
+                    discarding = self._discarding
+                elif code == _C_QUERY:
+                    replacement = self._query(buf, pos, end)
+                    if replacement is not None:
+                        out += buf[fwd:pos]
+                        out += replacement
+                        fwd = end
+                    if self.wait:
+                        pos = end
+                        break
+                elif code == _C_CLOSE:
+                    self._close(buf, pos, end)
+                elif code == _C_CALL:
+                    replacement = self._function_call(bytes(buf[pos:end]))
+                    if replacement is not None:
+                        out += buf[fwd:pos]
+                        out += replacement
+                        fwd = end
+                else:  # Terminate
+                    self.closing = "client terminated"
+                    pos = end
+                    break
+                pos = end
         except pg.ProtocolError as exc:
             self._fail(f"invalid message from the client: {exc}")
+        finally:
+            if fwd < pos:
+                out += buf[fwd:pos]
+            if buf is cin:
+                del cin[:pos]
+            elif pos < size:
+                cin += buf[pos:]
 
     def release(self) -> None:
         """The delay of a limited statement is over: send it and go on."""
@@ -160,96 +376,55 @@ class PgSession(SessionAudit):
                 major, minor = code >> 16, code & 0xFFFF
                 self._fail(f"unsupported frontend protocol {major}.{minor}")
 
-    def _client_messages(self) -> None:
-        buf = self._cin
-        pos = fwd = 0
-        out = self.to_server
-        limit = self.ctx.max_message
-        # On a malformed message, what came before it is still forwarded, as it would
-        # have been had it arrived in an earlier read: the output must not depend on how
-        # the input was split.
-        try:
-            size = len(buf)
-            unpack = pg.unpack_int32
-            while self.wait == 0.0 and self.closing is None:
-                if size - pos < 5:
-                    break
-                kind = buf[pos]
-                length = unpack(buf, pos + 1)[0]
-                if length < 4 or length > limit:
-                    raise pg.bad_length(kind, length)
-                end = pos + 1 + length
-                if end > size:
-                    break
-                if self._discarding:
-                    out += buf[fwd:pos]
-                    fwd = end
-                    if kind == 0x53:  # Sync ends the error state
-                        self._discarding = False
-                        out += buf[pos:end]
-                        self._pending.append((_SYNC, None))
-                elif kind == 0x51:  # Q
-                    out += buf[fwd:pos]
-                    fwd = end
-                    self._query(bytes(buf[pos:end]))
-                elif kind == 0x50:  # Parse
-                    replacement = self._parse(buf, pos, end)
-                    if replacement is not None:
-                        out += buf[fwd:pos]
-                        out += replacement
-                        fwd = end
-                elif kind == 0x42:  # Bind
-                    portal, statement = pg.bind_fields(buf, pos + 5, end)
-                    self._portals[portal] = statement
-                    self._pending.append((_BIND, None))
-                elif kind == 0x45:  # Execute
-                    out += buf[fwd:pos]
-                    fwd = end
-                    self._execute(buf, pos, end)
-                elif kind == 0x53:  # Sync
-                    self._pending.append((_SYNC, None))
-                elif kind == 0x43:  # Close
-                    self._close(buf, pos, end)
-                elif kind == 0x46:  # FunctionCall
-                    out += buf[fwd:pos]
-                    fwd = end
-                    self._function_call(bytes(buf[pos:end]))
-                elif kind == 0x58:  # Terminate
-                    self.closing = "client terminated"
-                pos = end
-        finally:
-            out += buf[fwd:pos]
-            del buf[:pos]
-
-    def _query(self, message: bytes) -> None:
-        raw = message[5:-1]
+    def _query(self, buf: bytes | bytearray, pos: int, end: int) -> bytes | None:
+        """Decide a simple Query; returns what to send instead of it (b"": nothing yet, a
+        delay holds it), or None to send it unchanged."""
+        raw = bytes(buf[pos + 5 : end - 1])
         ctx = self.ctx
         now = ctx.clock()
         sql, statements, decision = self._decide_text(raw, now)
-        if decision.applied is Action.DENY:
-            self._deny_query(raw, sql, statements, now)
-            return
+        applied = decision.applied
+        if applied is Action.DENY:
+            return self._deny_query(raw, sql, statements, now)
+        pending = self._pending
+        if (
+            applied is Action.ALLOW
+            and decision.action is Action.ALLOW
+            and not decision.audit
+            and not decision.limits
+            and not decision.dry_limits
+            and not ctx.record_all
+        ):  # a plain allow: nothing to limit or audit, only the answers to match
+            for info in statements:
+                if info.prepare_name is not None or info.deallocate_name is not None:
+                    self._remember_sql_prepared(statements)
+                    break
+            if len(statements) == 1:
+                pending.append(_EXECUTED)
+            else:
+                pending.extend([_EXECUTED] * len(statements))
+            pending.append(_SYNCED)
+            return None
         outcome = "allow"
         if decision.limits:
             granted = ctx.limiter.take(decision.limits, now)
             if not granted.granted:
                 assert granted.exceeded is not None
-                self._reject(sql, statements, decision, now, limit_text(granted.exceeded))
-                return
+                return self._reject(sql, statements, decision, now, limit_text(granted.exceeded))
             if granted.delay > 0:
                 outcome = "delay"
                 self.wait = granted.delay
         self._remember_sql_prepared(statements)
         self._track_statements(sql, statements, decision, now, outcome)
-        self._pending.append((_SYNC, None))
+        pending.append(_SYNCED)
         if self.wait:
-            self._held = message
-        else:
-            self.to_server += message
+            self._held = bytes(buf[pos:end])
+            return b""
+        return None
 
     def _deny_query(
         self, raw: bytes, sql: str, statements: tuple[StatementInfo, ...], now: float
-    ) -> None:
+    ) -> bytes:
         """Run the statements before the first denied one, then make the server raise."""
         engine, peer = self.ctx.decider.engine, self.ctx.peer
         prefix = b""
@@ -282,8 +457,8 @@ class PgSession(SessionAudit):
             "deny",
         )
         self._pending.append((_EXEC, run))
-        self._pending.append((_SYNC, None))
-        self.to_server += pg.query(prefix + self._encode(raiser))
+        self._pending.append(_SYNCED)
+        return pg.query(prefix + self._encode(raiser))
 
     def _reject(
         self,
@@ -292,68 +467,69 @@ class PgSession(SessionAudit):
         decision: Decision,
         now: float,
         text: str,
-    ) -> None:
+    ) -> bytes:
         run = Run(
             now, time.monotonic(), sql, statements[0] if statements else None, decision, "reject"
         )
         self._pending.append((_EXEC, run))
-        self._pending.append((_SYNC, None))
-        self.to_server += pg.query(self._encode(pg.raise_statement(LIMITED, text)))
+        self._pending.append(_SYNCED)
+        return pg.query(self._encode(pg.raise_statement(LIMITED, text)))
 
-    def _parse(self, buf: bytearray, pos: int, end: int) -> bytes | None:
+    def _parse(self, buf: bytes | bytearray, pos: int, end: int) -> bytes | None:
+        """Decide a Parse (deny only); returns what to send instead of it, or None."""
         name, raw = pg.parse_fields(buf, pos + 5, end)
-        now = self.ctx.clock()
-        engine = self.ctx.decider.engine
-        minute = int(now // 60)
-        memo = self._parsed.get(raw)
-        if memo is not None and memo[0] is engine and (memo[1] < 0 or memo[1] == minute):
-            # Apps re-Parse the same text (unnamed statements): skip decoding and the cache.
-            _, _, sql, statements, decision = memo
-        else:
-            sql, statements, decision = self._decide_text(raw, now)
-            unsettled = bool(self._pending) and b"\\" in raw
-            if not unsettled and not any(s.execute_name for s in statements):
-                if len(self._parsed) >= _PARSE_MEMO_SIZE:
-                    self._parsed.clear()
-                timeless = engine.view(self.ctx.peer).timeless
-                self._parsed[raw] = (engine, -1 if timeless else minute, sql, statements, decision)
-        if decision.applied is Action.DENY:
-            self._statements.pop(name, None)
-            self._decisions.pop(name, None)
-            info = statements[0] if statements else None
-            run = Run(now, time.monotonic(), sql, info, decision, "deny")
-            return self._inject(deny_text(decision, info), DENIED, run, decision.reason)
-        self._statements[name] = (sql, statements)
-        memo = self._parsed.get(raw)
-        if memo is None:  # depends on the session's PREPAREs, or text not settled
-            self._decisions.pop(name, None)
-        else:  # the Execute that usually follows reuses this decision (same engine, minute)
-            self._decisions[name] = (engine, memo[1], statements, decision)
-        self._pending.append((_PARSE, None))
-        return None
-
-    def _execute(self, buf: bytearray, pos: int, end: int) -> None:
-        nul = buf.find(b"\0", pos + 5, end)
-        if nul < 0:
-            raise pg.ProtocolError("string field is not NUL-terminated")
         ctx = self.ctx
         now = ctx.clock()
-        name = self._portals.get(bytes(buf[pos + 5 : nul]))
-        sql, statements, decision = self._decide_statement(name, now)
+        engine = ctx.decider.engine
+        minute = int(now // 60)
+        known = self._parsed.get(raw)
+        if (
+            known is None
+            or known.engine is not engine
+            or (known.minute >= 0 and known.minute != minute)
+            or (known.slash and self._pending)
+        ):
+            sql, statements, decision = self._decide_text(raw, now)
+            known = _Prepared(sql, statements, decision, b"\\" in raw)
+            unsettled = known.slash and bool(self._pending)
+            if not unsettled and not any(s.execute_name for s in statements):
+                # Else the decision depends on the session's PREPAREs, or on answers not
+                # in yet: Execute decides again (engine None: nothing to reuse).
+                timeless = engine.view(ctx.peer).timeless
+                known.keep(decision, engine, -1 if timeless else minute)
+                if len(self._parsed) >= _PARSE_MEMO_SIZE:
+                    self._forget_parsed()
+                self._parsed[raw] = known
+                self._last_parse = (bytes(buf[pos:end]), name, known)
+        decision = known.decision
+        if decision.applied is Action.DENY:
+            self._statements.pop(name, None)
+            info = known.statements[0] if known.statements else None
+            run = Run(now, time.monotonic(), known.sql, info, decision, "deny")
+            return self._inject(deny_text(decision, info), DENIED, run, decision.reason)
+        self._statements[name] = known
+        self._pending.append(_PARSED)
+        return None
+
+    def _execute(
+        self, buf: bytes | bytearray, pos: int, end: int, bound: _Prepared | None
+    ) -> bytes | None:
+        """Decide an Execute of a portal bound to `bound` (None: a portal not seen bound);
+        returns what to send instead of it (b"": nothing yet, a delay holds it), or None."""
+        ctx = self.ctx
+        now = ctx.clock()
+        sql, statements, decision = self._decide_statement(bound, now)
         info = statements[0] if statements else None
         if decision.applied is Action.DENY:
             run = Run(now, time.monotonic(), sql, info, decision, "deny")
-            self.to_server += self._inject(deny_text(decision, info), DENIED, run, decision.reason)
-            return
+            return self._inject(deny_text(decision, info), DENIED, run, decision.reason)
         outcome = "allow"
         if decision.limits:
             granted = ctx.limiter.take(decision.limits, now)
             if not granted.granted:
                 assert granted.exceeded is not None
                 run = Run(now, time.monotonic(), sql, info, decision, "reject")
-                text = limit_text(granted.exceeded)
-                self.to_server += self._inject(text, LIMITED, run, None)
-                return
+                return self._inject(limit_text(granted.exceeded), LIMITED, run, None)
             if granted.delay > 0:
                 outcome = "delay"
                 self.wait = granted.delay
@@ -362,29 +538,27 @@ class PgSession(SessionAudit):
         self._pending.append((_EXEC, self._run(sql, info, decision, now, outcome, shape=None)))
         if self.wait:
             self._held = bytes(buf[pos:end])
-        else:
-            self.to_server += buf[pos:end]
+            return b""
+        return None
 
     def _decide_statement(
-        self, name: bytes | None, now: float
+        self, bound: _Prepared | None, now: float
     ) -> tuple[str, tuple[StatementInfo, ...], Decision]:
         """Decide what a portal runs. Repeated executions of one prepared statement reuse
         the decision while the policy set is the same and, with time windows, the minute."""
         ctx = self.ctx
-        known = self._statements.get(name) if name is not None else None
-        if name is None or known is None:  # a portal we did not see bound: decide it opaque
-            return "", (_UNKNOWN_PORTAL,), ctx.decider.engine.decide(ctx.peer, _UNKNOWN_PORTAL, now)
-        sql, statements = known
         engine = ctx.decider.engine
+        if bound is None:  # a portal we did not see bound: decide it opaque
+            return "", (_UNKNOWN_PORTAL,), engine.decide(ctx.peer, _UNKNOWN_PORTAL, now)
+        sql, statements = bound.sql, bound.statements
         minute = int(now // 60)
-        cached = self._decisions.get(name)
-        if cached is not None and cached[0] is engine and (cached[1] < 0 or cached[1] == minute):
-            return sql, cached[2], cached[3]
+        if bound.engine is engine and (bound.minute < 0 or bound.minute == minute):
+            return sql, statements, bound.decision
         _, decision = ctx.decider.decide(sql, now, self.state)
         resolved, decision = self._resolve(statements, decision, now)
-        if resolved is statements:  # not an EXECUTE of a session-prepared statement
+        if not any(s.execute_name for s in statements):  # not an EXECUTE of a PREPAREd one
             timeless = engine.view(ctx.peer).timeless
-            self._decisions[name] = (engine, -1 if timeless else minute, statements, decision)
+            bound.keep(decision, engine, -1 if timeless else minute)
         return sql, resolved, decision
 
     def _inject(self, text: str, code: str, run: Run, detail: str | None) -> bytes:
@@ -397,27 +571,25 @@ class PgSession(SessionAudit):
         raiser = self._encode(pg.raise_statement(code, text, detail=detail))
         return pg.parse(b"", raiser) + pg.bind(b"", b"") + pg.execute(b"")
 
-    def _close(self, buf: bytearray, pos: int, end: int) -> None:
+    def _close(self, buf: bytes | bytearray, pos: int, end: int) -> None:
         if end - pos < 7:
             raise pg.ProtocolError("Close message too short")
         name, _ = pg.cstring(buf, pos + 6, end)
         if buf[pos + 5] == 0x53:  # 'S'tatement
             self._statements.pop(name, None)
-            self._decisions.pop(name, None)
         else:
             self._portals.pop(name, None)
 
-    def _function_call(self, message: bytes) -> None:
+    def _function_call(self, message: bytes) -> bytes | None:
         now = self.ctx.clock()
         decision = self.ctx.decider.engine.decide(self.ctx.peer, _OPAQUE_CALL, now)
         if decision.applied is Action.DENY:
-            self._deny_query(b"", "<function call>", (_OPAQUE_CALL,), now)
-            return
+            return self._deny_query(b"", "<function call>", (_OPAQUE_CALL,), now)
         self._pending.append(
             (_EXEC, self._run("<function call>", _OPAQUE_CALL, decision, now, "allow"))
         )
-        self._pending.append((_SYNC, None))
-        self.to_server += message
+        self._pending.append(_SYNCED)
+        return None
 
     # -- deciding ---------------------------------------------------------------------------
 
@@ -436,35 +608,65 @@ class PgSession(SessionAudit):
             unsure = (parse_error(_UNSETTLED),)
             return sql, unsure, ctx.decider.engine.decide_all(ctx.peer, unsure, now)
         statements, decision = ctx.decider.decide(sql, now, self.state)
-        statements, decision = self._resolve(statements, decision, now)
+        if self._sql_prepared:
+            statements, decision = self._resolve(statements, decision, now)
         return sql, statements, decision
 
     # -- server -> app ----------------------------------------------------------------------
 
-    def server_data(self, data: bytes) -> None:
-        buf = self._sin
-        buf += data
-        pos = fwd = 0
+    def server_data(self, data: bytes | bytearray) -> None:
+        sin = self._sin
+        buf: bytes | bytearray
+        if sin:  # the rest of a message that came in pieces
+            sin += data
+            buf = sin
+        else:
+            buf = data
+        size = len(buf)
+        pos = fwd = 0  # bytes before `fwd` are dealt with; fwd..pos go on unchanged
+        if self.closing is not None:  # nothing more goes to the app
+            pos = size
+            fwd = size
         out = self.to_client
         pending = self._pending
         limit = self.ctx.max_message
+        header = pg.unpack_header
+        kinds = _SERVER_KINDS
         try:
-            size = len(buf)
-            unpack = pg.unpack_int32
-            while self.closing is None:  # closing: nothing more goes to the app
-                if size - pos < 5:
-                    break
-                kind = buf[pos]
-                length = unpack(buf, pos + 1)[0]
+            while size - pos >= 5:
+                kind, length = header(buf, pos)
                 if length < 4 or length > limit:
                     raise pg.bad_length(kind, length)
                 end = pos + 1 + length
                 if end > size:
                     break
-                if kind == 0x44:  # DataRow: the bulk of a result, nothing to track
-                    pos = end
-                    continue
-                if kind == 0x31 or kind == 0x32:  # ParseComplete, BindComplete
+                code = kinds[kind]
+                if not code:  # DataRow, RowDescription, notices, COPY data: the bulk
+                    pass
+                elif code == _S_DONE:  # CommandComplete, EmptyQueryResponse, PortalSuspended
+                    if pending:
+                        head = pending[0]
+                        if head is _EXECUTED:
+                            pending.popleft()
+                        elif head[0] == _EXEC:
+                            pending.popleft()
+                            run = head[1]
+                            if run is not None:
+                                tag = bytes(buf[pos + 5 : end - 1])
+                                self.record(
+                                    run, pg.command_rows(tag) if kind == 0x43 else None, None
+                                )
+                elif code == _S_READY:
+                    self.transaction = _BYTES[buf[pos + 5]] if length > 4 else b""
+                    if self._phase == _AUTH:
+                        self._phase = _READY
+                    while pending:  # everything up to the Sync it answers
+                        tracked, run = pending.popleft()
+                        if tracked == _SYNC:
+                            break
+                        if run is not None:  # answered by nothing: it did not run
+                            self.record(run, None, "skipped")
+                elif code == _S_PARSED:  # ParseComplete, BindComplete
                     if pending:
                         tracked = pending[0][0]
                         if tracked in (_PARSE_SWALLOW, _BIND_SWALLOW):
@@ -473,31 +675,18 @@ class PgSession(SessionAudit):
                             pending.popleft()
                         elif tracked in (_PARSE, _BIND):
                             pending.popleft()
-                elif kind == 0x43 or kind == 0x49 or kind == 0x73:  # Complete, Empty, Suspended
-                    if pending and pending[0][0] == _EXEC:
-                        run = pending.popleft()[1]
-                        if run is not None:
-                            rows = (
-                                pg.command_rows(bytes(buf[pos + 5 : end - 1]))
-                                if kind == 0x43
-                                else None
-                            )
-                            self.record(run, rows, None)
-                elif kind == 0x45:  # ErrorResponse
+                elif code == _S_ERROR:
                     replacement = self._server_error(buf, pos, end)
                     if replacement is not None:
                         out += buf[fwd:pos]
                         out += replacement
                         fwd = end
-                elif kind == 0x5A:  # ReadyForQuery
-                    self.transaction = bytes(buf[pos + 5 : pos + 6])
-                    self._ready()
-                elif kind == 0x53:  # ParameterStatus
+                elif code == _S_PARAMETER:
                     self._parameter(buf, pos, end)
-                elif kind == 0x4B:  # BackendKeyData
+                elif code == _S_KEY:
                     self.backend_key = bytes(buf[pos + 5 : end])
-                elif kind == 0x52 and self._phase == _AUTH:  # Authentication*
-                    replacement = _without_channel_binding(buf, pos, end)
+                elif self._phase == _AUTH:  # Authentication*
+                    replacement = pg.without_channel_binding(buf, pos, end)
                     if replacement is not None:
                         out += buf[fwd:pos]
                         out += replacement
@@ -506,11 +695,15 @@ class PgSession(SessionAudit):
         except pg.ProtocolError as exc:
             out += buf[fwd:pos]
             self._fail(f"invalid message from the server: {exc}")
-            return
-        out += buf[fwd:pos]
-        del buf[:pos]
+            pos = fwd = size
+        if fwd < pos:
+            out += buf[fwd:pos]
+        if buf is sin:
+            del sin[:pos]
+        elif pos < size:
+            sin += buf[pos:]
 
-    def _server_error(self, buf: bytearray, pos: int, end: int) -> bytes | None:
+    def _server_error(self, buf: bytes | bytearray, pos: int, end: int) -> bytes | None:
         """Account for an error; returns a replacement for our own raised errors, which
         drop the server's CONTEXT line (it would point at the raising statement)."""
         pending = self._pending
@@ -529,28 +722,21 @@ class PgSession(SessionAudit):
             pending.popleft()
         return replacement
 
-    def _ready(self) -> None:
-        if self._phase == _AUTH:
-            self._phase = _READY
-        pending = self._pending
-        while pending:
-            kind, run = pending.popleft()
-            if kind == _SYNC:
-                break
-            if run is not None:  # answered by nothing: it did not run
-                self.record(run, None, "skipped")
-
-    def _parameter(self, buf: bytearray, pos: int, end: int) -> None:
+    def _parameter(self, buf: bytes | bytearray, pos: int, end: int) -> None:
         name, at = pg.cstring(buf, pos + 5, end)
         value, _ = pg.cstring(buf, at, end)
         key, val = name.decode("ascii", "replace"), value.decode("utf-8", "replace")
         self.params[key] = val
         if key == "standard_conforming_strings":
             self.state = SessionState(standard_conforming_strings=val == "on")
-            self._parsed.clear()
+            self._forget_parsed()
         elif key == "client_encoding":
-            self.encoding = _python_encoding(val)
-            self._parsed.clear()
+            self.encoding = pg.python_codec(val)
+            self._forget_parsed()
+
+    def _forget_parsed(self) -> None:
+        self._parsed.clear()
+        self._last_parse = None
 
     # -- audit ------------------------------------------------------------------------------
 
@@ -592,22 +778,3 @@ class PgSession(SessionAudit):
             PROTOCOL_VIOLATION, f"sluice: {reason}", severity="FATAL"
         )
         self.closing = reason
-
-
-def _without_channel_binding(buf: bytearray, pos: int, end: int) -> bytes | None:
-    """An AuthenticationSASL without the -PLUS mechanisms, when it offers any. They bind
-    SCRAM to the server's TLS session, which the app (plaintext to its sidecar) is not in;
-    and libpq refuses a server that offers one over a non-SSL connection."""
-    if pg.auth_code(buf, pos + 5, end) != pg.AUTH_SASL:
-        return None
-    offered = pg.sasl_mechanisms(buf, pos + 9, end)
-    kept = [m for m in offered if not m.endswith(b"-PLUS")]
-    if not kept or len(kept) == len(offered):
-        return None
-    return pg.authentication_sasl(kept)
-
-
-def _python_encoding(name: str) -> str:
-    """The Python codec for a PostgreSQL client_encoding, or a name no codec has (every
-    decode then fails, and statements are treated as unparseable: never a guess)."""
-    return _PG_ENCODINGS.get(name.upper().replace("-", "_"), _UNKNOWN_ENCODING)

@@ -59,7 +59,9 @@ def startup_params(packet: bytes | bytearray) -> dict[str, str]:
     return dict(zip(fields[0::2], fields[1::2], strict=True))
 
 
-unpack_int32 = _INT32.unpack_from  # framing loops read message lengths with this
+# (type byte, length) of the typed message at an offset: one call per message in the
+# framing loops, which run for every message of every transaction.
+unpack_header = struct.Struct("!Bi").unpack_from
 
 
 def bad_length(kind: int, length: int) -> ProtocolError:
@@ -67,11 +69,14 @@ def bad_length(kind: int, length: int) -> ProtocolError:
     return ProtocolError(f"invalid length {length} for message {chr(kind)!r}")
 
 
+UNTERMINATED = "string field is not NUL-terminated"
+
+
 def cstring(buf: bytes | bytearray, pos: int, end: int) -> tuple[bytes, int]:
     """The NUL-terminated string at `pos` and the position after its NUL."""
     nul = buf.find(b"\0", pos, end)
     if nul < 0:
-        raise ProtocolError("string field is not NUL-terminated")
+        raise ProtocolError(UNTERMINATED)
     return bytes(buf[pos:nul]), nul + 1
 
 
@@ -121,6 +126,57 @@ def command_rows(tag: bytes) -> int | None:
     """Rows from a CommandComplete tag ("INSERT 0 5", "DELETE 3", "SELECT 7"), if any."""
     last = tag.rsplit(b" ", 1)[-1]
     return int(last) if last.isdigit() and b" " in tag else None
+
+
+# PostgreSQL client encodings -> Python codecs. SQL_ASCII passes bytes through unchanged,
+# which latin-1 reproduces one to one. An encoding missing here is not guessed at.
+_CODECS = {
+    "UTF8": "utf-8",
+    "SQL_ASCII": "latin-1",
+    **{
+        f"LATIN{n}": f"iso8859_{p}"
+        for n, p in zip(range(1, 11), (1, 2, 3, 4, 9, 10, 13, 14, 15, 16), strict=True)
+    },
+    **{f"ISO_8859_{n}": f"iso8859_{n}" for n in (5, 6, 7, 8)},
+    **{
+        f"WIN{n}": f"cp{n}"
+        for n in (866, 874, 1250, 1251, 1252, 1253, 1254, 1255, 1256, 1257, 1258)
+    },
+    "KOI8R": "koi8_r",
+    "KOI8U": "koi8_u",
+    "EUC_JP": "euc_jp",
+    "EUC_CN": "gb2312",
+    "EUC_KR": "euc_kr",
+    "EUC_JIS_2004": "euc_jis_2004",
+    "SJIS": "shift_jis",
+    "SHIFT_JIS_2004": "shift_jis_2004",
+    "BIG5": "big5",
+    "GBK": "gbk",
+    "GB18030": "gb18030",
+    "UHC": "cp949",
+    "JOHAB": "johab",
+}
+UNKNOWN_CODEC = "unknown"  # no codec has this name: every decode with it fails
+
+
+def python_codec(client_encoding: str) -> str:
+    """The Python codec for a PostgreSQL client_encoding, or `UNKNOWN_CODEC` (statements
+    are then treated as unparseable: never a guess)."""
+    return _CODECS.get(client_encoding.upper().replace("-", "_"), UNKNOWN_CODEC)
+
+
+def without_channel_binding(buf: bytes | bytearray, pos: int, end: int) -> bytes | None:
+    """The Authentication message at `pos` without the -PLUS SASL mechanisms, when it is an
+    AuthenticationSASL that offers any next to others; else None (keep it). They bind SCRAM
+    to the server's TLS session, which an app talking plaintext to its sidecar is not in;
+    and libpq refuses a server that offers one over a non-SSL connection."""
+    if auth_code(buf, pos + 5, end) != AUTH_SASL:
+        return None
+    offered = sasl_mechanisms(buf, pos + 9, end)
+    kept = [m for m in offered if not m.endswith(b"-PLUS")]
+    if not kept or len(kept) == len(offered):
+        return None
+    return authentication_sasl(kept)
 
 
 # -- builders ---------------------------------------------------------------------------

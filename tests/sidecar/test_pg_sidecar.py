@@ -526,3 +526,37 @@ def test_dry_run_limit_lets_everything_through_and_audits_the_excess(
     assert all(e.rule == "trial/few-inserts" for e in inserts)
     (select,) = [e for e in sc.events() if "SELECT" in e.verbs]
     assert select.would is None
+
+
+NO_KEEP_READS = textwrap.dedent(
+    """\
+    apiVersion: sluice/v1
+    kind: Policy
+    metadata: {name: guard}
+    spec:
+      destination: orders-db
+      rules:
+        - {name: no-keep-reads, sql: {verbs: [SELECT], tables: [keep]}, action: deny}
+    """
+)
+
+
+def _message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!i", len(body) + 4) + body
+
+
+def test_pipelined_setting_change_cannot_reuse_a_parse_decision(start_sidecar, db: str) -> None:
+    # Read with standard_conforming_strings on, this text is two literals; off, the middle
+    # is code that reads keep. Parsed once while settled (allowed), then again right behind
+    # the SET: the remembered decision must not be reused before the server has answered.
+    text = b"SELECT 'a\\' , ' , (SELECT v FROM keep WHERE id = 1) , ' --'"
+    parse = _message(b"P", b"\0" + text + b"\0\0\0")
+    run = _message(b"B", b"\0\0\0\0\0\0\0\0") + _message(b"E", b"\0\0\0\0\0")
+    sync = _message(b"S", b"")
+    sc = start_sidecar(NO_KEEP_READS)
+    with _raw_session(sc.host, sc.port, db) as raw:
+        raw.sendall(parse + run + sync)
+        assert b"v1" not in _read_until_ready(raw, 1)
+        raw.sendall(_query("SET standard_conforming_strings = off") + parse + run + sync)
+        replies = _read_until_ready(raw, 2)
+        assert b"42501" in replies and b"v1" not in replies
