@@ -5,6 +5,13 @@ hosts file). dnsperf (Debian) drives each: first unthrottled for throughput, the
 q/s with per-query latencies (-v) for the p99. Prints the ratio meshdns/dnsmasq. Targets
 (issue 8): at least 0.25x of dnsmasq's q/s, and p99 under 1 ms at 5,000 q/s. Skips (exit 0)
 when dnsperf or dnsmasq is missing: `apt-get install dnsperf dnsmasq-base`.
+
+On a shared 2-core machine one 8-second run's p99 is mostly the luck of that moment: other
+processes' bursts, and dnsperf's own threads competing with the server for the cores, give
+dnsmasq too a p99 anywhere from 0.1 to 1 ms from one run to the next. So the two servers
+are measured in alternating rounds (ROUNDS of each, in turn), and the table gives the
+median round and the worst one; the targets are checked on the medians. The load average
+is printed before and after.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,7 +29,8 @@ from pathlib import Path
 from common import percentile, table
 
 NAMES = 50
-SECONDS = 8
+SECONDS = 3  # per round
+ROUNDS = 5  # rounds of each kind per server, alternating meshdns and dnsmasq
 PACED_QPS = 5000
 
 
@@ -49,11 +58,21 @@ def p99_ms(out: str) -> float:
     return percentile(lat, 0.99) * 1000 if lat else float("nan")
 
 
-def measure(port: int, queries: Path) -> tuple[float, float]:
-    rate = qps(dnsperf(port, queries, "-c", "4", "-q", "200"))
-    time.sleep(1)  # let the saturated run's backlog drain before timing latencies
-    p99 = p99_ms(dnsperf(port, queries, "-Q", str(PACED_QPS), "-v"))
-    return rate, p99
+def measure(ports: dict[str, int], queries: Path) -> dict[str, tuple[list[float], list[float]]]:
+    """Per server: q/s of each unthrottled round, p99 ms of each paced round."""
+    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in ports}
+    for _ in range(ROUNDS):
+        for name, port in ports.items():
+            out[name][0].append(qps(dnsperf(port, queries, "-c", "4", "-q", "200")))
+    time.sleep(1)  # let the saturated runs' backlog drain before timing latencies
+    for _ in range(ROUNDS):
+        for name, port in ports.items():
+            out[name][1].append(p99_ms(dnsperf(port, queries, "-Q", str(PACED_QPS), "-v")))
+    return out
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def wait_udp(port: int) -> None:
@@ -125,26 +144,38 @@ def main() -> int:
         try:
             wait_udp(mport)
             wait_udp(dport)
-            m_qps, m_p99 = measure(mport, d / "queries")
-            d_qps, d_p99 = measure(dport, d / "queries")
+            print(f"load average before: {loadavg()}")
+            got = measure({"meshdns": mport, "dnsmasq": dport}, d / "queries")
+            print(f"load average after:  {loadavg()}")
         finally:
             for p in procs:
                 p.terminate()
                 p.wait(10)
-    ratio = m_qps / d_qps if d_qps else 0.0
+    rows = []
+    for name in ("dnsmasq", "meshdns"):
+        rates, p99s = got[name]
+        rows.append(
+            [
+                name,
+                round(statistics.median(rates)),
+                round(statistics.median(p99s), 3),
+                round(max(p99s), 3),
+                " ".join(f"{x:.2f}" for x in p99s),
+            ]
+        )
     print(
         table(
-            ["server", "q/s", f"p99 ms at {PACED_QPS} q/s"],
-            [
-                ["dnsmasq", round(d_qps), round(d_p99, 3)],
-                ["meshdns", round(m_qps), round(m_p99, 3)],
-            ],
+            ["server", "q/s (median)", f"p99 ms at {PACED_QPS} q/s (median)", "worst", "rounds"],
+            rows,
         )
     )
+    m_qps, d_qps = statistics.median(got["meshdns"][0]), statistics.median(got["dnsmasq"][0])
+    m_p99 = statistics.median(got["meshdns"][1])
+    ratio = m_qps / d_qps if d_qps else 0.0
     ok = ratio >= 0.25 and m_p99 < 1.0
     print(
-        f"meshdns/dnsmasq: {ratio:.2f}x (target >= 0.25x); p99 {m_p99:.3f} ms (target < 1 ms): "
-        f"{'met' if ok else 'missed'}"
+        f"meshdns/dnsmasq: {ratio:.2f}x (target >= 0.25x); p99 {m_p99:.3f} ms, median of "
+        f"{ROUNDS} rounds (target < 1 ms): {'met' if ok else 'missed'}"
     )
     return 0 if ok else 1
 

@@ -19,6 +19,7 @@ BENCHES = (
     "http_sidecar.py",
     "control_plane.py",
     "quota.py",
+    "dns.py",
 )
 
 

@@ -14,6 +14,12 @@ default false). A known service with no healthy instance is NXDOMAIN, like Consu
 NXDOMAIN and NODATA carries the zone's SOA in the authority section. Answers are shuffled;
 UDP answers are trimmed to the client's EDNS0 size (512 without EDNS0) with TC set.
 
+DNS-VIP mode: a service named in `vips` (static, `--vip`), or one for which the sidecar of
+app `vip_app` registered a route listener (service `<app>-sidecar`, tag `sluice-route`,
+Meta `route_service`: sidecar/catalog.py), is answered with that listener's address
+instead of the service's instances. Registrations of any health count, passing ones first
+(a crashed sidecar's names keep failing closed until the catalog removes its entries).
+
 Answers are cached packed, per (name, type, class, size limit, EDNS), and stay valid while
 the catalog's `index` is unchanged: a hit costs a dict lookup and one splice of the
 query's ID and question (`wire.splice`). Each entry holds a few pre-shuffled variants,
@@ -26,7 +32,7 @@ import ipaddress
 import itertools
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dnslib import AAAA as RD_AAAA
 from dnslib import EDNS0, QTYPE, RCODE, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
@@ -41,6 +47,7 @@ from meshdns.wire import MAX_UDP, TCP_LIMIT, Question, error_header, read_questi
 A, NS, SOA, AAAA, SRV, ANY = 1, 2, 6, 28, 33, 255
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
 IN = 1
+ROUTE_SUFFIX, ROUTE_TAG = "-sidecar", "sluice-route"  # as sidecar/catalog.py registers them
 VARIANTS = 4  # pre-shuffled orders kept per cached answer
 MAX_CACHE = 20_000  # entries; the cache is emptied when full (random names cannot grow it)
 SOA_TIMES = (3600, 600, 86400, 0)  # refresh, retry, expire, minimum: Consul's defaults
@@ -67,11 +74,16 @@ class AnswerStats:
     queries: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    cache_revalidated: int = 0
     truncated: int = 0
     formerr: int = 0
     dropped: int = 0
     forwarded: int = 0
     rcodes: dict[int, int] = field(default_factory=dict)
+
+
+# What a service's answer depends on: datacenter, its instances, the app's route listeners.
+_Inputs = tuple[str, Sequence[Instance] | None, Sequence[Instance] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +92,15 @@ class _Entry:
     variants: tuple[bytes, ...]
     rcode: int
     truncated: bool
+    # A service's answer: what it was built from (`Answerer._inputs`). After a catalog
+    # change elsewhere, an entry whose inputs are unchanged is kept instead of rebuilt.
+    service: str | None = None
+    inputs: _Inputs | None = None
 
 
 # One answer record and the extra records that go with it (an SRV target's address).
 _Unit = tuple[RR, tuple[RR, ...]]
+_Resolved = tuple[int, list[_Unit], str | None, _Inputs | None]
 
 
 class Answerer:
@@ -94,6 +111,8 @@ class Answerer:
         domain: str = "consul.",
         ttl: int = 0,
         vips: Mapping[str, Vip] | None = None,
+        vip_app: str | None = None,
+        vip_instance: str | None = None,
         recursion: bool = False,
         only_passing: bool = False,
         rng: random.Random | None = None,
@@ -102,36 +121,49 @@ class Answerer:
         self.domain = domain.strip(".").lower() + "."
         self.ttl = ttl
         self.vips = dict(vips or {})
+        # DNS-VIP from the catalog: this app's sidecar route listeners (one instance's).
+        self.vip_service = vip_app.lower() + ROUTE_SUFFIX if vip_app else None
+        self.vip_instance = vip_instance
         self.recursion = recursion  # recursors configured: RA is set, others are forwarded
         self.only_passing = only_passing
         self.stats = AnswerStats()
         self._suffix = "." + self.domain
         self._rng = rng or random.Random()
-        self._cache: dict[tuple[str, int, int, int, bool], _Entry] = {}
+        self._cache: dict[tuple[bytes, int, int, int, bool], _Entry] = {}
         self._turn = itertools.count()
 
     def handle(self, data: bytes, tcp: bool = False) -> bytes | Forward | None:
-        self.stats.queries += 1
+        stats = self.stats
+        stats.queries += 1
         q = read_question(data) or self._slow_question(data)
         if not isinstance(q, Question):
             return q
-        if q.qname != self.domain and not q.qname.endswith(self._suffix):
-            return self._outside(data, q)
         limit = TCP_LIMIT if tcp else q.udp_size
-        key = (q.qname, q.qtype, q.qclass, limit, q.edns)
+        # Keyed on the wire-form name: a hit needs no text name. Only names in our domain
+        # are ever cached, so a hit needs no domain check either.
+        key = (q.name, q.qtype, q.qclass, limit, q.edns)
         index = self.catalog.index
         entry = self._cache.get(key)
         if entry is not None and entry.index == index:
-            self.stats.cache_hits += 1
+            stats.cache_hits += 1
+        elif entry is not None and entry.service and entry.inputs == self._inputs(entry.service):
+            # The catalog changed, but not this service: the answer stands.
+            stats.cache_hits += 1
+            stats.cache_revalidated += 1
+            entry = self._cache[key] = replace(entry, index=index)
         else:
-            self.stats.cache_misses += 1
+            qname = q.qname
+            if qname != self.domain and not qname.endswith(self._suffix):
+                return self._outside(data, q)
+            stats.cache_misses += 1
             if len(self._cache) >= MAX_CACHE:
                 self._cache.clear()
             entry = self._build(q, limit, index)
             self._cache[key] = entry
-        self.stats.rcodes[entry.rcode] = self.stats.rcodes.get(entry.rcode, 0) + 1
+        rcodes = stats.rcodes
+        rcodes[entry.rcode] = rcodes.get(entry.rcode, 0) + 1
         if entry.truncated:
-            self.stats.truncated += 1
+            stats.truncated += 1
         variants = entry.variants
         packed = variants[next(self._turn) % len(variants)] if len(variants) > 1 else variants[0]
         return splice(packed, q)
@@ -169,7 +201,7 @@ class Answerer:
         labels = [bytes(label).lower() for label in qd.qname.label]
         if any(b"." in x or not 0 < len(x) < 64 for x in labels):
             return self._refuse(data, FORMERR)
-        qname = (b".".join(labels).decode("latin-1") + ".") if labels else "."
+        name = b"".join(bytes([len(x)]) + x for x in labels) + b"\0"
         wire = b"".join(bytes([len(x)]) + bytes(x) for x in qd.qname.label) + b"\0"
         question = wire + int(qd.qtype).to_bytes(2, "big") + int(qd.qclass).to_bytes(2, "big")
         if len(question) - 4 > 255:
@@ -184,7 +216,7 @@ class Answerer:
                 packed: bytes = reply.pack()
                 return packed
         return Question(
-            h.id, (h.rd << 8), qname, int(qd.qtype), int(qd.qclass), question, bool(opts), size
+            h.id, (h.rd << 8), name, int(qd.qtype), int(qd.qclass), question, bool(opts), size
         )
 
     def _refuse(self, data: bytes, rcode: int) -> bytes | None:
@@ -198,8 +230,9 @@ class Answerer:
     # -- building answers (cache misses only) --------------------------------------------
 
     def _build(self, q: Question, limit: int, index: int) -> _Entry:
-        rcode, units = self._resolve(q)
+        rcode, units, service, inputs = self._resolve(q)
         if rcode != NOERROR or not units:
+            # Not revalidated: negative answers carry the SOA, whose serial is the index.
             soa = rcode in (NOERROR, NXDOMAIN)  # RFC 2308: negative answers carry the SOA
             return _Entry(index, (self._pack(q, rcode, [], limit=limit, soa=soa),), rcode, False)
         count = min(VARIANTS, len(units))
@@ -210,49 +243,56 @@ class Answerer:
             if i == 0 or order not in orders:
                 orders.append(order)
         variants = tuple(self._pack(q, NOERROR, order, limit=limit) for order in orders)
-        return _Entry(index, variants, NOERROR, variants[0][2] & 0x02 != 0)
+        truncated = variants[0][2] & 0x02 != 0
+        return _Entry(index, variants, NOERROR, truncated, service, inputs)
 
-    def _resolve(self, q: Question) -> tuple[int, list[_Unit]]:
-        """(rcode, answer units) for a name in our domain; NOERROR with none is NODATA."""
+    def _inputs(self, service: str) -> _Inputs:
+        c = self.catalog
+        vips = c.instances(self.vip_service) if self.vip_service is not None else None
+        return (c.datacenter, c.instances(service), vips)
+
+    def _resolve(self, q: Question) -> _Resolved:
+        """(rcode, answer units, and for a service: its name and the inputs the answer was
+        built from) for a name in our domain; NOERROR with no units is NODATA."""
         if q.qclass not in (IN, 255):  # IN, or ANY (QCLASS *)
-            return REFUSED, []
+            return REFUSED, [], None, None
         rel = q.qname[: -len(self.domain)].rstrip(".")
         labels = rel.split(".") if rel else []
         if not labels:
-            return NOERROR, self._apex(q)
+            return NOERROR, self._apex(q), None, None
         dc = self.catalog.datacenter
         kind_at = len(labels) - 1
         if labels[-1] not in ("service", "node", "addr") and len(labels) >= 2:
             if labels[-1] != dc:
-                return NXDOMAIN, []
+                return NXDOMAIN, [], None, None
             kind_at -= 1
         kind, head = labels[kind_at], labels[:kind_at]
         if kind == "service" and head:
-            return self._service(q, head)
+            name, tag = _service_name(head)
+            if name is None:
+                return NXDOMAIN, [], None, None
+            inputs = self._inputs(name)  # read first: the answer is built from exactly these
+            rcode, units = self._service(q, name, tag, inputs)
+            return rcode, units, name, inputs
         if kind == "node" and len(head) == 1:
             node = self.catalog.node(head[0])
             if node is None:
-                return NXDOMAIN, []
-            return NOERROR, self._addresses(q.qname, q.qtype, [node.address])
+                return NXDOMAIN, [], None, None
+            return NOERROR, self._addresses(q.qname, q.qtype, [node.address]), None, None
         if kind == "addr" and len(head) == 1:
             address = _hex_address(head[0])
             if address is None:
-                return NXDOMAIN, []
-            return NOERROR, self._addresses(q.qname, q.qtype, [address])
-        return NXDOMAIN, []
+                return NXDOMAIN, [], None, None
+            return NOERROR, self._addresses(q.qname, q.qtype, [address]), None, None
+        return NXDOMAIN, [], None, None
 
-    def _service(self, q: Question, head: list[str]) -> tuple[int, list[_Unit]]:
-        if len(head) == 2 and head[0].startswith("_") and head[1].startswith("_"):
-            name, tag = head[0][1:], head[1][1:]  # RFC 2782
-            tag_filter = None if tag == "tcp" else tag
-        elif len(head) <= 2:
-            name, tag_filter = head[-1], (head[0] if len(head) == 2 else None)
-        else:
-            return NXDOMAIN, []
-        vip = self.vips.get(name)
+    def _service(
+        self, q: Question, name: str, tag_filter: str | None, inputs: _Inputs
+    ) -> tuple[int, list[_Unit]]:
+        _, found, routes = inputs
+        vip = self.vips.get(name) or self._catalog_vip(name, routes)
         if vip is not None:
             return NOERROR, self._vip(q, vip)
-        found = self.catalog.instances(name)
         healthy = [
             i
             for i in found or ()
@@ -264,6 +304,23 @@ class Answerer:
         if q.qtype == SRV:
             return NOERROR, [self._srv(q.qname, i) for i in healthy]
         return NOERROR, self._addresses(q.qname, q.qtype, [i.address for i in healthy])
+
+    def _catalog_vip(self, name: str, routes: Sequence[Instance] | None) -> Vip | None:
+        """The listener the app's sidecar registered for service `name` (`routes`: the
+        instances of `<app>-sidecar`), if any: passing registrations first, then by
+        instance and address (stable when several match)."""
+        found: list[tuple[bool, str, str, int, Vip]] = []
+        for i in routes or ():
+            meta = i.meta
+            if ROUTE_TAG not in i.tags or meta.get("route_service", "").lower() != name:
+                continue
+            if self.vip_instance is not None and meta.get("instance") != self.vip_instance:
+                continue
+            if not _hex(i.address) or not 0 < i.port < 65536:
+                continue  # a VIP is an IP address: a host name cannot be answered with A
+            vip = Vip(i.address, i.port)
+            found.append((i.health != "passing", meta.get("instance", ""), i.address, i.port, vip))
+        return min(found, key=lambda f: f[:4])[4] if found else None
 
     def _vip(self, q: Question, vip: Vip) -> list[_Unit]:
         if q.qtype == SRV:
@@ -353,6 +410,16 @@ class Answerer:
                 return packed
             kept = _fewer(kept, len(packed), limit)
         raise AssertionError("unreachable: zero units always fit")
+
+
+def _service_name(head: list[str]) -> tuple[str | None, str | None]:
+    """The labels before `service` as (name, tag filter): `[tag.]name` or `_name._tag`."""
+    if len(head) == 2 and head[0].startswith("_") and head[1].startswith("_"):
+        name, tag = head[0][1:], head[1][1:]  # RFC 2782
+        return name, (None if tag == "tcp" else tag)
+    if len(head) <= 2:
+        return head[-1], (head[0] if len(head) == 2 else None)
+    return None, None
 
 
 def _label(name: str) -> DNSLabel:

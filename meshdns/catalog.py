@@ -4,8 +4,10 @@
 health), nodes by name, the datacenter, and `index`, a counter that changes whenever any
 answer could change (answers are cached against it). Reads must never block on I/O: a
 provider keeps its data in memory and refreshes it in the background (`ConsulCatalog` in
-`consul_catalog.py`) or from `poll()`, which the server calls from its loop every
-`POLL_INTERVAL` seconds (`StaticCatalog`, below).
+`consul_catalog.py`) or from `poll()`, which the server calls from a worker thread every
+`POLL_INTERVAL` seconds (`StaticCatalog`, below). Either way a refresh swaps an immutable
+snapshot first and changes `index` after, so a reader that sees the new index sees the new
+data.
 
 `StaticCatalog` reads a YAML file and reloads it when its stat changes; a bad edit keeps
 the last good catalog (fail static), like the sidecar's policy watcher:
@@ -17,6 +19,9 @@ the last good catalog (fail static), like the sidecar's policy watcher:
       orders-db:
         - {address: 10.0.0.11, port: 5432, node: node-a, tags: [primary], health: passing}
         - {address: 10.0.0.12, port: 5432, tags: [replica], health: critical}
+      billing-sidecar:                 # DNS-VIP from the catalog: a sidecar's route listener
+        - {address: 127.0.0.10, port: 5432, tags: [sluice-route],
+           meta: {app: billing, instance: billing-1, route_service: orders-db}}
 
 An instance without `address` uses its node's address (Consul's rule for an empty
 ServiceAddress); `node` defaults to `local`; `health` defaults to `passing`. A node an
@@ -28,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -56,6 +61,7 @@ class Instance:
     node_address: str
     tags: frozenset[str] = frozenset()
     health: Health = "passing"
+    meta: Mapping[str, str] = field(default_factory=dict, hash=False)  # Consul's Service.Meta
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +88,8 @@ class Catalog(Protocol):
     def node(self, name: str) -> Node | None: ...
 
     def poll(self) -> None:
-        """Called from the server's loop every POLL_INTERVAL seconds; must not block."""
+        """Called every POLL_INTERVAL seconds from a worker thread, never twice at once;
+        it may take its time (answers are served meanwhile from the current snapshot)."""
         ...
 
     def close(self) -> None: ...
@@ -136,7 +143,7 @@ def parse_catalog(doc: Any, where: str = "catalog") -> CatalogData:
 def _instance(service: str, item: Any, nodes: dict[str, Node], where: str) -> Instance:
     if not isinstance(item, dict):
         raise CatalogError(f"{where}: expected a mapping")
-    unknown = set(item) - {"address", "port", "node", "tags", "health"}
+    unknown = set(item) - {"address", "port", "node", "tags", "health", "meta"}
     if unknown:
         raise CatalogError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
     node = _name(item.get("node", DEFAULT_NODE), f"{where}: node")
@@ -156,6 +163,11 @@ def _instance(service: str, item: Any, nodes: dict[str, Node], where: str) -> In
     health = item.get("health", "passing")
     if health not in HEALTH:
         raise CatalogError(f"{where}: health: expected one of {', '.join(HEALTH)}")
+    meta = item.get("meta", {})
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise CatalogError(f"{where}: meta: expected a mapping of strings to strings")
     return Instance(
         service,
         address,
@@ -164,6 +176,7 @@ def _instance(service: str, item: Any, nodes: dict[str, Node], where: str) -> In
         nodes[node].address,
         frozenset(t.lower() for t in tags),
         health,
+        meta,
     )
 
 
@@ -219,7 +232,7 @@ class StaticCatalog:
             self.last_error = str(exc)
             log.error("catalog reload rejected; keeping the last good one: %s", exc)
             return
-        self._data = data
+        self._data = data  # before the index: see the module docstring
         self._index += 1
         self.last_error = None
         log.info("catalog reloaded: %d services", len(data.services))

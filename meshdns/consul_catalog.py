@@ -70,6 +70,7 @@ def instances_from_health(name: str, entries: Sequence[Mapping[str, Any]]) -> tu
                 node_address=node_address,
                 tags=frozenset(str(t).lower() for t in svc.get("Tags") or ()),
                 health=health_of(e.get("Checks") or ()),
+                meta={str(k): str(v) for k, v in (svc.get("Meta") or {}).items()},
             )
         )
     return tuple(out)

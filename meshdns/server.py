@@ -13,7 +13,9 @@ Limits, so that no client and no flood can grow memory without bound:
 - UDP: answers are dropped while the socket's send buffer is full (pause_writing).
 - Forwards: bounded in `Forwarder`; past the bound the answer is SERVFAIL at once.
 
-The catalog's `poll()` runs from a loop timer every `POLL_INTERVAL` seconds.
+The catalog's `poll()` runs in a worker thread every `POLL_INTERVAL` seconds (one at a time),
+so that reloading a catalog file (YAML parsing: milliseconds for a few dozen services) never
+holds up answers on the loop.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class DnsServer:
         self._conns: set[_TcpConn] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._poll_timer: asyncio.TimerHandle | None = None
+        self._closing = False
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -94,6 +97,7 @@ class DnsServer:
         self._poll_timer = loop.call_later(POLL_INTERVAL, self._poll)
 
     async def close(self) -> None:
+        self._closing = True
         if self._poll_timer is not None:
             self._poll_timer.cancel()
         if self._udp is not None:
@@ -129,11 +133,19 @@ class DnsServer:
         return out
 
     def _poll(self) -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.run_in_executor(None, self._poll_catalog)
+        done.add_done_callback(lambda _: self._poll_again(loop))
+
+    def _poll_catalog(self) -> None:  # in a worker thread
         try:
             self.answerer.catalog.poll()
         except Exception:  # a provider bug must not stop DNS: log it, keep answering
             log.exception("catalog poll failed")
-        self._poll_timer = asyncio.get_running_loop().call_later(POLL_INTERVAL, self._poll)
+
+    def _poll_again(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._closing and not loop.is_closed():
+            self._poll_timer = loop.call_later(POLL_INTERVAL, self._poll)
 
     def forward(self, fwd: Forward, tcp: bool, reply: Callable[[bytes], None]) -> None:
         task = asyncio.get_running_loop().create_task(self._forward(fwd, tcp, reply))

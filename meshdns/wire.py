@@ -4,12 +4,16 @@ Parsing a whole query with dnslib costs tens of microseconds; the common query (
 question, no answer or authority records, at most an EDNS0 OPT record) is read here with a
 few slices instead. Anything else returns None and goes to the slow path in `answer.py`,
 which uses dnslib and decides between an answer, FORMERR, NOTIMP and dropping.
+
+The fast path only walks the label lengths and lowercases the name once, in wire form (the
+answer cache's key): the dotted text name is built on demand (`Question.qname`), which only
+cache misses and forwards need. About 1 µs per query instead of 3.5 µs (bench/README.md).
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 HEADER = struct.Struct("!HHHHHH")
 QR, AA, TC, RD, RA = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080
@@ -22,61 +26,78 @@ CLASSIC_UDP = 512
 MAX_UDP = 4096
 TCP_LIMIT = 65535
 MAX_NAME = 255  # RFC 1035 2.3.4: a name is at most 255 octets on the wire
-MAX_LABELS = 127
 
 
-@dataclass(frozen=True, slots=True)
-class Question:
-    """One query's question, plus what an answer must echo or honour."""
+_TYPE_CLASS = struct.Struct("!HH")
+_OPT = struct.Struct("!HHBBHH")
+
+
+class Question(NamedTuple):
+    """One query's question, plus what an answer must echo or honour. A NamedTuple, not a
+    frozen dataclass: it is built for every query, and a tuple is built several times faster."""
 
     id: int
     flags: int  # the query's header flags (RD and CD are echoed)
-    qname: str  # lowercased, dotted, with the trailing dot: "web.service.consul."
+    name: bytes  # the name in wire form, lowercased, with its root label: b"\x03web...\x00"
     qtype: int
     qclass: int
     question: bytes  # the question section exactly as sent (the answer echoes its case)
     edns: bool
     udp_size: int  # the client's UDP payload size: 512 without EDNS0
 
+    @property
+    def qname(self) -> str:
+        """Lowercased, dotted, with the trailing dot: "web.service.consul."."""
+        return dotted(self.name)
+
+
+def dotted(name: bytes) -> str:
+    """A wire-form name (no compression, no dot inside a label) as text."""
+    labels, pos = [], 0
+    while n := name[pos]:
+        labels.append(name[pos + 1 : pos + 1 + n])
+        pos += 1 + n
+    return b".".join(labels).decode("latin-1") + "." if labels else "."
+
 
 def read_question(data: bytes) -> Question | None:
     """The fast path: the question of a plain query, or None for anything unusual."""
-    if len(data) < 17:
+    size = len(data)
+    if size < 17:
         return None
     qid, flags, qd, an, ns, ar = HEADER.unpack_from(data)
     if flags & (QR | OPCODE_MASK) or qd != 1 or an or ns or ar > 1:
         return None
-    pos, labels = 12, []
-    for _ in range(MAX_LABELS + 1):  # bounded: a name has at most 127 labels
-        n = data[pos]
-        if n == 0:
-            break
-        if n > 63 or pos + 1 + n >= len(data):  # a compression pointer, or past the end
+    # Bounded: every round moves at least 2 bytes on, and stops at the end of the packet.
+    pos = 12
+    n = data[12]
+    while n:
+        if n > 63:  # a compression pointer or a reserved label type
             return None
-        label = data[pos + 1 : pos + 1 + n].lower()
-        if b"." in label:  # a dot inside a label: the slow path decides
-            return None
-        labels.append(label)
         pos += 1 + n
-    else:
-        return None
+        if pos >= size:
+            return None
+        n = data[pos]
     end = pos + 5
-    if end > len(data) or end - 12 - 4 > MAX_NAME:
+    if end > size or end - 12 - 4 > MAX_NAME:
         return None
-    qtype, qclass = struct.unpack_from("!HH", data, pos + 1)
-    edns, udp_size = False, CLASSIC_UDP
+    name = bytes(data[12 : pos + 1].lower())  # hashable even when `data` is a bytearray
+    # A dot inside a label (or a 46-byte label, whose length byte is "."): the slow path.
+    if b"." in name:
+        return None
+    qtype, qclass = _TYPE_CLASS.unpack_from(data, pos + 1)
     if ar:
         # The OPT record: root name, type 41, class = UDP size, TTL = ext-rcode/version/flags.
-        if end + 11 > len(data) or data[end] != 0:
+        if end + 11 > size or data[end] != 0:
             return None
-        rtype, size, _ext, version, _flags, rdlen = struct.unpack_from("!HHBBHH", data, end + 1)
-        if rtype != TYPE_OPT or version != 0 or end + 11 + rdlen != len(data):
+        rtype, udp, _ext, version, _flags, rdlen = _OPT.unpack_from(data, end + 1)
+        if rtype != TYPE_OPT or version != 0 or end + 11 + rdlen != size:
             return None
-        edns, udp_size = True, min(max(size, CLASSIC_UDP), MAX_UDP)
-    elif end != len(data):
+        udp = min(max(udp, CLASSIC_UDP), MAX_UDP)
+        return Question(qid, flags, name, qtype, qclass, data[12:end], True, udp)
+    if end != size:
         return None
-    qname = b".".join(labels).decode("latin-1") + "."
-    return Question(qid, flags, qname, qtype, qclass, data[12:end], edns, udp_size)
+    return Question(qid, flags, name, qtype, qclass, data[12:end], False, CLASSIC_UDP)
 
 
 def splice(packed: bytes, q: Question) -> bytes:

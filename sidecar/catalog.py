@@ -8,9 +8,15 @@
   route's `Picker` on the event loop (`call_soon_threadsafe`). The data path only reads
   the picker; it never waits on HTTP.
 - `Registration`: a daemon thread registering the sidecar's app instance
-  (`/v1/agent/service/register`, service = app, ID = instance) with a TTL check it passes
-  every TTL/3; registered again when the catalog forgot it (404); deregistered on a clean
-  stop.
+  (`/v1/agent/service/register`, service = app, ID = instance) and where the sidecar serves
+  each route (`route_entry`), each with a TTL check it passes every TTL/3; registered again
+  when the catalog forgot one (404); deregistered on a clean stop.
+
+Route listeners are registered under a service of their own, `<app>-sidecar` (ID
+`<instance>:<route service>:<port>`, tag `sluice-route`, Meta app, instance, route_service,
+protocol, upstream), never under the route's service: other sidecars pick upstream
+instances from `NAME.service`, and a sidecar listener picked there would loop. meshdns's
+DNS-VIP mode reads them (`sluice dns --vip-from-catalog APP`, meshdns/README.md).
 
 Blocking HTTP calls cannot be interrupted from outside: a thread stops within one `wait`
 of `close()` (the threads are daemons, so a process exit does not wait for them).
@@ -19,16 +25,18 @@ of `close()` (the threads are daemons, so a process exit does not wait for them)
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import threading
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import consul
 
-from sidecar.config import ControlConfig, ServiceUpstream
+from sidecar.config import ControlConfig, Route, ServiceUpstream
 from sidecar.upstreams import Instance
 
 log = logging.getLogger("sluice.catalog")
@@ -39,6 +47,8 @@ MAX_BACKOFF = 10.0
 CALL_TIMEOUT = 5.0  # seconds for a call that does not block (plus the wait for one that does)
 TTL = 15.0  # the registration's TTL check; passed every TTL/3
 DEREGISTER_AFTER = "1m"  # a registration critical this long (a crashed sidecar) is removed
+ROUTE_SUFFIX = "-sidecar"  # route listeners of app A are instances of service A-sidecar
+ROUTE_TAG = "sluice-route"
 
 
 def consul_client(control: ControlConfig | None) -> Any:
@@ -141,8 +151,47 @@ class ServiceWatch:
             self._stop.set()
 
 
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One service instance the sidecar keeps registered (and passing) in the catalog."""
+
+    name: str
+    id: str
+    tags: tuple[str, ...]
+    meta: Mapping[str, str] = field(default_factory=dict, hash=False)
+    address: str | None = None
+    port: int | None = None
+
+    @property
+    def check_id(self) -> str:
+        return f"service:{self.id}"
+
+
+def route_entry(app: str, instance: str, route: Route, listen: tuple[str, int]) -> Entry:
+    """Where this sidecar serves `route` for its app (`listen`: the bound address). A
+    wildcard address is registered as loopback of its family: where the app reaches it."""
+    host, port = listen
+    try:
+        ip = ipaddress.ip_address(host)
+        if ip.is_unspecified:
+            host = "::1" if ip.version == 6 else "127.0.0.1"
+    except ValueError:
+        pass  # a host name: registered as given
+    meta = {
+        "app": app,
+        "instance": instance,
+        "route_service": route.service,
+        "protocol": route.protocol,
+        "upstream": route.upstream_label,
+    }
+    # Two routes for one service (on two ports) get an ID each.
+    sid = f"{instance}:{route.service}:{port}"
+    return Entry(app + ROUTE_SUFFIX, sid, ("sluice", ROUTE_TAG), meta, host, port)
+
+
 class Registration:
-    """The sidecar's app instance in the catalog, kept passing while the sidecar runs."""
+    """The sidecar's app instance (and its route listeners) in the catalog, kept passing
+    while the sidecar runs."""
 
     def __init__(
         self,
@@ -151,13 +200,17 @@ class Registration:
         instance: str,
         *,
         meta: Mapping[str, str] | None = None,
+        routes: Sequence[Entry] = (),
         ttl: float = TTL,
     ) -> None:
         self.app, self.instance = app, instance
         self.meta = dict(meta or {})
         self.ttl = ttl
         self.check_id = f"service:{instance}"
-        self.registered = threading.Event()  # set once the catalog took it
+        # Listeners first: once the app instance shows, so do they (deregistered the other
+        # way round).
+        self.entries = (*routes, Entry(app, instance, ("sluice",), self.meta))
+        self.registered = threading.Event()  # set once the catalog took them all
         self._client = client
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -175,26 +228,39 @@ class Registration:
             return
         client = self._client()
         try:
-            client.agent.service.deregister(self.instance)
-            log.info("catalog: %s deregistered", self.instance)
-        except Exception as exc:  # the check's DeregisterCriticalServiceAfter cleans up
-            log.warning("catalog: deregistering %s failed: %s", self.instance, exc)
+            for entry in reversed(self.entries):  # the app instance first
+                try:
+                    client.agent.service.deregister(entry.id)
+                    log.info("catalog: %s deregistered", entry.id)
+                except Exception as exc:  # the check's DeregisterCriticalServiceAfter cleans up
+                    log.warning("catalog: deregistering %s failed: %s", entry.id, exc)
         finally:
             client.http.close()
 
     def _register(self, client: Any) -> None:
-        check = {
-            "CheckID": self.check_id,
-            "Name": f"sluice sidecar {self.instance}",
-            "TTL": f"{self.ttl:g}s",
-            "Status": "passing",
-            "DeregisterCriticalServiceAfter": DEREGISTER_AFTER,
-        }
-        client.agent.service.register(
-            self.app, service_id=self.instance, tags=["sluice"], meta=self.meta, check=check
-        )
+        for entry in self.entries:
+            check = {
+                "CheckID": entry.check_id,
+                "Name": f"sluice sidecar {entry.id}",
+                "TTL": f"{self.ttl:g}s",
+                "Status": "passing",
+                "DeregisterCriticalServiceAfter": DEREGISTER_AFTER,
+            }
+            client.agent.service.register(
+                entry.name,
+                service_id=entry.id,
+                address=entry.address,
+                port=entry.port,
+                tags=list(entry.tags),
+                meta=dict(entry.meta),
+                check=check,
+            )
+            log.info("catalog: registered %s as an instance of %s", entry.id, entry.name)
         self.registered.set()
-        log.info("catalog: registered %s as an instance of %s", self.instance, self.app)
+
+    def _pass(self, client: Any) -> bool:
+        """Pass every TTL check; False when the catalog does not know one (404)."""
+        return all(client.agent.check.ttl_pass(e.check_id) for e in self.entries)
 
     def _run(self) -> None:
         client = self._client()
@@ -206,8 +272,8 @@ class Registration:
                     if fresh:
                         self._register(client)
                         fresh = False
-                    elif not client.agent.check.ttl_pass(self.check_id):
-                        fresh = True  # 404: the catalog lost it (a real agent restarted)
+                    elif not self._pass(client):
+                        fresh = True  # 404: the catalog lost one (a real agent restarted)
                     failures = 0
                     delay = MIN_INTERVAL if fresh else self.ttl / 3
                 except Exception as exc:  # network, HTTP and decoding errors alike

@@ -37,7 +37,7 @@ from policies.engine import Engine
 from policies.http_decider import HttpDecider
 from policies.sql.inspect import MYSQL, POSTGRES
 from sidecar.audit import AuditSink, JsonlSink, MemorySink, TeeSink
-from sidecar.catalog import Registration, ServiceWatch, consul_client
+from sidecar.catalog import Registration, ServiceWatch, consul_client, route_entry
 from sidecar.config import Route, SidecarConfig, UpstreamTls
 from sidecar.control import ControlClient, RouteInfo
 from sidecar.http_session import HttpRouteContext, HttpSession
@@ -63,6 +63,10 @@ HTTP_SWEEP_INTERVAL = 1.0
 CONNECT_ATTEMPTS = 3
 # At start: how long to wait for the catalog's first list of a service's instances.
 CATALOG_WAIT = 5.0
+# Passive health: what an app sent before a catalog instance first answered is kept (up to
+# this much) so that, when that instance resets the connection, the app's connection goes
+# on to the next instance with the same opening bytes (a PostgreSQL StartupMessage).
+REPLAY_LIMIT = 64 * 1024
 
 
 def install_uvloop() -> bool:
@@ -241,8 +245,15 @@ class Sidecar:
             self.control.start_reporting()
             if isinstance(self.limiter, QuotaLimiter):
                 self._tasks.append(asyncio.create_task(self.limiter.run()))
+            # The app instance, and where each route listens (for meshdns's DNS-VIP mode).
+            app, instance = self.config.app, self.config.instance
+            routes = [
+                route_entry(app, instance, rt.route, rt.server.sockets[0].getsockname()[:2])
+                for rt in self.routes
+                if rt.server is not None
+            ]
             self.registration = Registration(
-                lambda: consul_client(self.config.control), self.config.app, self.config.instance
+                lambda: consul_client(self.config.control), app, instance, routes=routes
             )
             self.registration.start()
 
@@ -395,6 +406,10 @@ class ClientSide(asyncio.Protocol):
         self._key: bytes | None = None
         self._address: tuple[str, int] = rt.route.upstream  # the server connected to
         self._instance: Instance | None = None  # when picked from the catalog
+        # Passive health (catalog upstreams): instances this app connection failed on, and
+        # its bytes sent before the instance answered (None: nothing to replay).
+        self._tried: frozenset[Instance] = frozenset()
+        self._opening: list[bytes | bytearray] | None = None
 
     # asyncio callbacks
 
@@ -444,6 +459,8 @@ class ClientSide(asyncio.Protocol):
         up = self.upstream
         if up is not None and up.transport is not None and s.to_server:
             out, s.to_server = s.to_server, bytearray()
+            if self._opening is not None:
+                self._keep_opening(out, up)
             up.transport.write(out)
         elif s.startup_sent and up is None and not self._connecting and s.closing is None:
             self._connecting = True
@@ -467,7 +484,7 @@ class ClientSide(asyncio.Protocol):
         self.session.release()
         self.pump()
 
-    async def _connect(self) -> None:
+    async def _connect(self, tried: frozenset[Instance] = frozenset()) -> None:
         route = self.rt.route
         picker = self.rt.picker
         if picker is None:
@@ -481,16 +498,17 @@ class ClientSide(asyncio.Protocol):
                 self._use(result)
             return
         # A catalog service: the next instance, and another one after a connect failure.
-        tried: set[Instance] = set()
         reason = "no healthy instance in the catalog"
-        for _ in range(CONNECT_ATTEMPTS):
-            instance = picker.pick(time.monotonic(), frozenset(tried))
+        for _ in range(CONNECT_ATTEMPTS - len(tried)):
+            instance = picker.pick(time.monotonic(), tried)
             if instance is None:
                 break
-            tried.add(instance)
+            tried |= {instance}
             result = await self._connect_to(instance.address)
             if result is None:
                 return
+            if not isinstance(result, str) and result.reset is not None:
+                result = f"reset on connect ({_describe(result.reset, route.connect_timeout)})"
             if isinstance(result, str):
                 reason = f"{instance}: {result}"
                 picker.failed(instance, time.monotonic())
@@ -501,8 +519,10 @@ class ClientSide(asyncio.Protocol):
                     picker.service.eject_seconds,
                 )
                 continue
-            self._address, self._instance = instance.address, instance
+            self._address, self._instance, self._tried = instance.address, instance, tried
             picker.opened(instance)
+            # HTTP requests are not replayed: one may have reached the server.
+            self._opening = [] if route.protocol != "http" else None
             self._use(result)
             return
         self._fail_upstream(
@@ -549,6 +569,48 @@ class ClientSide(asyncio.Protocol):
     def _use(self, proto: ServerSide) -> None:
         self.upstream = proto
         self.pump()
+
+    # -- passive health on resets (catalog upstreams; sidecar/upstreams.py) ------------------
+
+    def _keep_opening(self, out: bytearray, up: ServerSide) -> None:
+        opening = self._opening
+        assert opening is not None
+        if up.answered or sum(map(len, opening)) + len(out) > REPLAY_LIMIT:
+            self._opening = None  # the session is under way: nothing will be replayed
+        else:
+            opening.append(out)  # handed over by pump, never changed afterwards
+
+    def upstream_reset(self, side: ServerSide, exc: Exception) -> bool:
+        """The upstream connection was reset (or broke with an error). A catalog instance
+        pays for it (`Picker.reset`); when it had not answered yet, the app's connection goes
+        on to the next instance and this returns True."""
+        instance, picker, route = self._instance, self.rt.picker, self.rt.route
+        if picker is None:
+            return False
+        if side is not self.upstream:
+            if self.upstream is None and self._connecting and not side.answered:
+                side.reset = exc  # before `_connect` took it: it tries the next instance
+                return True
+            return False
+        if instance is None:
+            return False
+        if picker.reset(instance, time.monotonic(), side.answered):
+            log.warning(
+                "route %s: instance %s reset the connection (%s); ejected for %gs",
+                route.service,
+                instance,
+                _describe(exc, route.connect_timeout),
+                picker.service.eject_seconds,
+            )
+        opening = self._opening
+        if side.answered or opening is None or self._closed:
+            return False
+        picker.closed(instance)
+        self._instance, self.upstream, self._opening = None, None, None
+        self.session.to_server[:0] = b"".join(opening)
+        self._connecting = True
+        asyncio.get_running_loop().create_task(self._connect(self._tried))
+        return True
 
     def _fail_upstream(self, text: str) -> None:
         session = self.session
@@ -597,15 +659,23 @@ class ServerSide(asyncio.Protocol):
     def __init__(self, client: ClientSide) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
+        # Passive health (ClientSide.upstream_reset): the server sent a byte; the error that
+        # ended the connection before the app's connection took it.
+        self.answered = False
+        self.reset: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
+        self.answered = True
         self.client.session.server_data(data)
         self.client.pump()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # A reset counts against a catalog instance; a clean close (exc None) never does.
+        if exc is not None and self.client.upstream_reset(self, exc):
+            return  # the app's connection went on to another instance
         self.client.server_lost()
 
     def pause_writing(self) -> None:  # the server reads slowly: stop reading the app

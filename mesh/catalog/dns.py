@@ -73,6 +73,7 @@ class ModelCatalog:
                     node_address=m.node_address,
                     tags=frozenset(t.lower() for t in s.spec.tags),
                     health=health,
+                    meta=s.spec.meta,
                 )
             )
         self._services = {k: tuple(v) for k, v in out.items()}

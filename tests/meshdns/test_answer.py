@@ -191,6 +191,20 @@ def test_a_catalog_change_rebuilds_the_answer(catalog_file: Path) -> None:
     assert a.stats.cache_misses == 2
 
 
+def test_a_change_to_another_service_keeps_the_answer(catalog_file: Path) -> None:
+    catalog = StaticCatalog(catalog_file)
+    a = Answerer(catalog)
+    web = ask(a, "web.service.consul", "SRV")
+    assert rdata(ask(a, "orders-db.service.consul")) == ["10.0.0.1"]
+    catalog_file.write_text(catalog_file.read_text().replace("port: 5432", "port: 5433"))
+    catalog.poll()
+    # web's instances are as they were: its packed answer stands, checked not rebuilt.
+    assert rdata(ask(a, "web.service.consul", "SRV")) == rdata(web)
+    assert (a.stats.cache_misses, a.stats.cache_revalidated) == (2, 1)
+    assert rdata(ask(a, "orders-db.service.consul", "SRV")) == ["1 1 5433 node-a.node.dc1.consul."]
+    assert ask(a, "web.service.consul", "SRV") and a.stats.cache_revalidated == 1  # a plain hit
+
+
 def test_the_question_keeps_the_clients_case(a: Answerer) -> None:
     q = DNSRecord.question("wEb.SeRvIcE.cOnSuL", "A")
     data = q.pack()
@@ -239,6 +253,47 @@ def test_vips_answer_with_the_sidecar_address(catalog: StaticCatalog) -> None:
     assert not ask(a, "ledger.service.consul", "SRV").rr
     assert not ask(a, "orders-db.service.consul", "AAAA").rr
     assert rdata(ask(a, "web.service.consul")) == ["10.0.0.11", "10.0.0.12"]
+
+
+ROUTES = """\
+  billing-sidecar:
+    - {address: 127.0.0.10, port: 5432, node: node-a, tags: [sluice, sluice-route],
+       meta: {app: billing, instance: billing-1, route_service: orders-db}}
+    - {address: 127.0.0.20, port: 5432, node: node-b, tags: [sluice, sluice-route],
+       health: critical, meta: {app: billing, instance: billing-2, route_service: orders-db}}
+    - {address: 127.0.0.30, port: 8080, node: node-a, tags: [sluice],
+       meta: {app: billing, instance: billing-1, route_service: web}}
+    - {address: sidecar.local, port: 9000, node: node-a, tags: [sluice-route],
+       meta: {app: billing, instance: billing-1, route_service: v6only}}
+"""
+
+
+def test_vips_from_the_catalog_are_the_apps_route_listeners(
+    catalog_file: Path, catalog: StaticCatalog
+) -> None:
+    catalog_file.write_text(catalog_file.read_text() + ROUTES)
+    catalog.poll()
+    a = Answerer(catalog, vip_app="Billing")
+    assert rdata(ask(a, "orders-db.service.consul")) == ["127.0.0.10"]  # passing first
+    assert rdata(ask(a, "primary.orders-db.service.consul")) == ["127.0.0.10"]
+    srv = ask(a, "orders-db.service.consul", "SRV")
+    assert rdata(srv) == ["1 1 5432 7f00000a.addr.dc1.consul."]
+    # Not route registrations (no sluice-route tag; a host name): the catalog's answer.
+    assert rdata(ask(a, "web.service.consul")) == ["10.0.0.11", "10.0.0.12"]
+    assert rdata(ask(a, "v6only.service.consul", "AAAA")) == ["fd00::7"]
+    # One instance's listeners; a critical registration still counts (fails closed).
+    b = Answerer(catalog, vip_app="billing", vip_instance="billing-2")
+    assert rdata(ask(b, "orders-db.service.consul")) == ["127.0.0.20"]
+    # Another app's meshdns, and a static --vip, are not affected / win.
+    assert rdata(ask(Answerer(catalog, vip_app="reporting"), "orders-db.service.consul")) == [
+        "10.0.0.1"
+    ]
+    c = Answerer(catalog, vips={"orders-db": Vip("127.0.0.99")}, vip_app="billing")
+    assert rdata(ask(c, "orders-db.service.consul")) == ["127.0.0.99"]
+    # The sidecar deregistered: the name is the service's again (the cache follows the index).
+    catalog_file.write_text(catalog_file.read_text().replace(ROUTES, ""))
+    catalog.poll()
+    assert rdata(ask(a, "orders-db.service.consul")) == ["10.0.0.1"]
 
 
 def _header(qid: int, flags: int, qd: int = 1, an: int = 0, ns: int = 0, ar: int = 0) -> bytes:

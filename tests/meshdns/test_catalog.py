@@ -39,6 +39,7 @@ def test_a_node_not_listed_takes_its_first_instance_address() -> None:
         ({"services": {"a": [{"address": "x", "health": "ok"}]}}, "health: expected one of"),
         ({"services": {"a": [{"address": "x", "tags": "v1"}]}}, "tags: expected a list"),
         ({"services": {"a": [{"address": "x", "weight": 1}]}}, "unknown key(s) weight"),
+        ({"services": {"a": [{"address": "x", "meta": {"k": 1}}]}}, "meta: expected a mapping"),
         ({"nodes": ["n"]}, "nodes: expected a mapping"),
     ],
 )
@@ -80,6 +81,7 @@ HEALTH_ENTRY = {
         "Tags": ["primary"],
         "Address": "10.1.10.12",
         "Port": 8000,
+        "Meta": {"redis_version": "4.0"},
     },
     "Checks": [
         {"Node": "foobar", "CheckID": "service:redis", "Status": "passing", "ServiceID": "redis"},
@@ -92,7 +94,13 @@ def test_consul_health_entries_become_instances() -> None:
     entry = dict(HEALTH_ENTRY, Service=dict(HEALTH_ENTRY["Service"], Address=""))
     [i] = instances_from_health("redis", [entry])
     assert i == Instance(
-        "redis", "10.1.10.12", 8000, "foobar", "10.1.10.12", frozenset({"primary"})
+        "redis",
+        "10.1.10.12",
+        8000,
+        "foobar",
+        "10.1.10.12",
+        frozenset({"primary"}),
+        meta={"redis_version": "4.0"},
     )
     assert health_of([{"Status": "passing"}, {"Status": "warning"}]) == "warning"
     assert health_of([{"Status": "warning"}, {"Status": "critical"}]) == "critical"

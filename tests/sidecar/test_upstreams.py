@@ -1,19 +1,27 @@
 """Upstreams picked from the service catalog (sidecar/upstreams.py, sidecar/catalog.py).
 
-The picker alone: round-robin order, least-connections, ejection and its expiry on a fake
-clock. Then the real pieces: `sluice up`'s catalog (through py-consul), a sidecar with a
-`NAME.service` upstream in front of the real PostgreSQL, instances that are dead, failed
-and passing again, least-connections over two live instances (the second one a TCP relay
-to the same server), and the sidecar's own registration, gone after a clean stop.
+The picker alone: round-robin order, least-connections, ejection (failed connects, resets)
+and its expiry on a fake clock. Then the real pieces: `sluice up`'s catalog (through
+py-consul), a sidecar with a `NAME.service` upstream in front of the real PostgreSQL,
+instances that are dead, failed and passing again, one that resets every connection (and
+one that closes them cleanly), least-connections over two live instances (the second one a
+TCP relay to the same server), and the sidecar's own registrations (its app instance and
+its route listeners, which `sluice dns --vip-from-catalog` answers with), gone after a
+clean stop.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
+import re
 import select
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -29,6 +37,7 @@ import pytest
 
 from mesh.sidecar_cmd import _config as cli_config
 from mesh.sidecar_cmd import add_parser
+from sidecar.catalog import route_entry
 from sidecar.config import (
     AuditConfig,
     ControlConfig,
@@ -38,7 +47,7 @@ from sidecar.config import (
     load_config,
     parse_upstream,
 )
-from sidecar.upstreams import Instance, Picker
+from sidecar.upstreams import RESET_WINDOW, RESETS_TO_EJECT, Instance, Picker
 from tests.mesh.conftest import ControlPlane
 from tests.sidecar.conftest import PG_HOST, PG_PORT, RunningSidecar, pg_available
 
@@ -104,12 +113,50 @@ def test_all_ejected_or_excluded_is_none() -> None:
     assert p.pick(10.0) in (A, B)
 
 
+def test_a_reset_before_any_answer_ejects_at_once() -> None:
+    p = picker("round-robin", A, B)
+    assert p.reset(A, 100.0, answered=False) is True
+    assert p.ejected(100.0) == [A]
+    assert p.pick(100.0) == B
+
+
+def test_resets_of_started_sessions_eject_when_several_fall_in_the_window() -> None:
+    p = picker("round-robin", A, B)
+    t = 100.0
+    for i in range(RESETS_TO_EJECT - 1):
+        assert p.reset(A, t + i, answered=True) is False
+    assert p.ejected(t + 5) == []
+    # The first reset left the window (the second did not): this one does not eject yet.
+    late = t + RESET_WINDOW + 0.5
+    assert p.reset(A, late, answered=True) is False
+    assert p.reset(A, late + 0.1, answered=True) is True  # t+1, late, late+0.1
+    assert p.ejected(late + 0.1) == [A]
+    # Expired and offered again: the count starts afresh.
+    back = late + 0.1 + 10.0
+    assert p.pick(back, frozenset({B})) == A
+    assert p.reset(A, back, answered=True) is False
+
+
 def test_an_instance_leaving_the_catalog_forgets_its_ejection() -> None:
     p = picker("round-robin", A, B)
     p.failed(A, 0.0)
     p.update((B,))
     p.update((A, B))
     assert p.pick(1.0) == A
+
+
+def test_route_entry_names_the_listener_not_the_service() -> None:
+    route = Route("orders-db", "postgres", ("0.0.0.0", 5432), ("orders-db.service", 0))
+    e = route_entry("billing", "billing@h1", route, ("0.0.0.0", 5432))
+    assert (e.name, e.id, e.address, e.port) == (
+        "billing-sidecar",
+        "billing@h1:orders-db:5432",
+        "127.0.0.1",  # a wildcard listener is reached on loopback
+        5432,
+    )
+    assert e.tags == ("sluice", "sluice-route") and e.meta["route_service"] == "orders-db"
+    assert route_entry("billing", "b", route, ("::", 5432)).address == "::1"
+    assert route_entry("billing", "b", route, ("127.0.0.10", 5432)).address == "127.0.0.10"
 
 
 # -- configuration ----------------------------------------------------------------------
@@ -205,8 +252,15 @@ def sidecar(cp: ControlPlane, tmp_path: Path) -> Iterator[Callable[..., RunningS
     with cp.client() as admin:
         token = admin.post("/v1/tokens", json={"role": "sidecar", "name": "s"}).json()["token"]
 
-    def start(upstream: str, app: str = "billing", balance: str = "round-robin") -> RunningSidecar:
+    def start(
+        upstream: str,
+        app: str = "billing",
+        balance: str = "round-robin",
+        eject_seconds: float | None = None,
+    ) -> RunningSidecar:
         address, service = parse_upstream(upstream, balance)
+        if service is not None and eject_seconds is not None:
+            service = dataclasses.replace(service, eject_seconds=eject_seconds)
         route = Route(
             "orders-db", "postgres", ("127.0.0.1", 0), address, 2.0, upstream_service=service
         )
@@ -280,6 +334,94 @@ def test_dead_instance_ejected_failed_check_and_back(
     catalog.agent.check.ttl_pass(live)
     wait_until(lambda: len(p.instances) == 2, "the instance back")
     assert select_one(sc) == 1
+
+
+class Closer:
+    """A server that accepts and closes at once: with SO_LINGER 0 (a reset) or cleanly."""
+
+    def __init__(self, reset: bool = True) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port: int = self.sock.getsockname()[1]
+        self.reset = reset
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            if self.reset:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:  # read the StartupMessage first: closing with unread input sends a reset
+                conn.settimeout(2)
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+def test_resetting_instance_ejected_and_retried_after_eject_seconds(
+    catalog: consul.Consul, sidecar: Callable[..., RunningSidecar]
+) -> None:
+    """Connections keep succeeding: the app's opening bytes go on to the healthy instance."""
+    closer = Closer(reset=True)
+    try:
+        name = f"orders-db-{uuid.uuid4().hex[:6]}"
+        register(catalog, name, f"{name}-reset", "127.0.0.1", closer.port)
+        register(catalog, name, f"{name}-live", PG_HOST, PG_PORT)
+        sc = sidecar(f"{name}.service", eject_seconds=2.0)
+        assert sc.sidecar is not None
+        p = sc.sidecar.routes[0].picker
+        assert p is not None
+        wait_until(lambda: len(p.instances) == 2, "both instances listed")
+
+        def until_reset(accepted: int) -> None:
+            for _ in range(4):  # round robin: the resetting instance within two connections
+                assert select_one(sc) == 1
+                if closer.accepted == accepted:
+                    return
+            raise AssertionError("the resetting instance was not tried")
+
+        until_reset(1)
+        assert [i.id for i in p.ejected(time.monotonic())] == [f"{name}-reset"]
+        assert [select_one(sc) for _ in range(3)] == [1] * 3
+        assert closer.accepted == 1  # left out meanwhile
+        wait_until(lambda: not p.ejected(time.monotonic()), "offered again", timeout=3)
+        until_reset(2)  # tried once more, reset again, ejected again
+        assert [i.id for i in p.ejected(time.monotonic())] == [f"{name}-reset"]
+    finally:
+        closer.close()
+
+
+def test_clean_close_is_not_ejected(
+    catalog: consul.Consul, sidecar: Callable[..., RunningSidecar]
+) -> None:
+    closer = Closer(reset=False)
+    try:
+        name = f"orders-db-{uuid.uuid4().hex[:6]}"
+        register(catalog, name, f"{name}-fin", "127.0.0.1", closer.port)
+        sc = sidecar(f"{name}.service")
+        assert sc.sidecar is not None
+        p = sc.sidecar.routes[0].picker
+        assert p is not None
+        wait_until(lambda: len(p.instances) == 1, "the instance listed")
+        for _ in range(2):
+            with pytest.raises(psycopg.OperationalError) as e:
+                select_one(sc)
+            assert "server closed the connection" in str(e.value)
+        assert closer.accepted == 2 and p.ejected(time.monotonic()) == []
+    finally:
+        closer.close()
 
 
 class Relay:
@@ -366,8 +508,67 @@ def test_sidecar_registers_its_app_and_deregisters_on_stop(
         return [e["Service"]["ID"] for e in entries]
 
     wait_until(lambda: passing() == [f"{app}-1"], "the app instance registered and passing")
+    # Its route listener, under a service of its own: never an instance of the upstream.
+    wait_until(lambda: catalog.health.service(f"{app}-sidecar", passing=True)[1], "listener")
+    _, [entry] = catalog.health.service(f"{app}-sidecar", passing=True)
+    svc = entry["Service"]
+    assert (svc["ID"], svc["Address"], svc["Port"]) == (
+        f"{app}-1:orders-db:{sc.port}",
+        "127.0.0.1",
+        sc.port,
+    )
+    assert "sluice-route" in svc["Tags"]
+    assert svc["Meta"] == {
+        "app": app,
+        "instance": f"{app}-1",
+        "route_service": "orders-db",
+        "protocol": "postgres",
+        "upstream": f"{app}-db.service",
+    }
+    assert [e["Service"]["ID"] for e in catalog.health.service(f"{app}-db")[1]] == [f"{app}-db-1"]
     sc.stop()
     wait_until(lambda: catalog.health.service(app)[1] == [], "deregistered")
+    assert catalog.health.service(f"{app}-sidecar")[1] == []
+
+
+@pytest.mark.skipif(shutil.which("dig") is None, reason="dig not installed (Debian: dnsutils)")
+def test_dns_vips_from_the_sidecars_registrations(
+    cp: ControlPlane, catalog: consul.Consul, sidecar: Callable[..., RunningSidecar]
+) -> None:
+    """`sluice dns --vip-from-catalog APP` answers the route's service with its listener,
+    and the service's own instances once the sidecar deregistered."""
+    app = f"billing-{uuid.uuid4().hex[:6]}"
+    register(catalog, "orders-db", f"{app}-orders-db", "10.9.0.1", 5432)
+    catalog.agent.check.ttl_pass(f"check-{app}-orders-db")
+    sc = sidecar(f"{app}-db.service", app=app)
+    env = {**os.environ, "CONSUL_HTTP_TOKEN": cp.admin_token}
+    dns = subprocess.Popen(
+        [str(Path(sys.executable).with_name("sluice")), "dns", "--consul", cp.url,
+         "--listen", "127.0.0.1:0", "--vip-from-catalog", app],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert dns.stdout is not None
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", dns.stdout.readline())
+        assert m, "sluice dns did not start"
+        port = m.group(1)
+
+        def dig(qtype: str) -> list[str]:
+            r = subprocess.run(
+                ["dig", "@127.0.0.1", "-p", port, "+short", "+time=2", "+tries=1",
+                 "orders-db.service.consul", qtype],
+                capture_output=True, text=True, timeout=10, check=True,
+            )  # fmt: skip
+            return r.stdout.split()
+
+        wait_until(lambda: dig("A") == ["127.0.0.1"], "the listener answered", timeout=10)
+        assert dig("SRV")[:3] == ["1", "1", str(sc.port)]
+        sc.stop()
+        wait_until(lambda: dig("A") == ["10.9.0.1"], "the service's instance again", timeout=10)
+    finally:
+        dns.terminate()
+        dns.communicate(timeout=10)  # and closes its stdout
+        catalog.agent.service.deregister(f"{app}-orders-db")
 
 
 def test_cli_sidecar_with_a_service_upstream(
