@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 from datetime import datetime
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +15,7 @@ from policies.engine import Engine
 from policies.loader import load_texts
 from policies.spec import Action
 from policies.sql.inspect import POSTGRES, InspectionCache, SessionState, inspect
+from policies.sql.postgres import shape
 
 POLICY = textwrap.dedent(
     """\
@@ -159,3 +161,20 @@ def test_cached_results_equal_fresh_inspection(texts: list[tuple[str, str]]) -> 
             (s.verbs, s.tables, s.no_where, s.opaque, s.error) for s in fresh
         ], sql
         assert decision == d.engine.decide_all(PEER, fresh, now)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DO $$ BEGIN PERFORM 1; END $$",
+        "Explain Analyze DELETE FROM t WHERE id = 1",
+        "CREATE FUNCTION f() RETURNS int AS 'select 1' LANGUAGE sql",
+        "CoPy (SELECT 1) TO STDOUT",
+        "EXECUTE p(1)",
+        "PREPARE p AS SELECT 1",
+        "CALL proc(1)",
+    ],
+)
+def test_constant_sensitive_statements_have_no_shape(sql: str) -> None:
+    assert shape(sql) is None
+    assert shape("SELECT abalance FROM pgbench_accounts WHERE aid = 7") is not None
