@@ -66,11 +66,6 @@ class HttpDecider:
         self.header_names_b = frozenset(n.encode("latin-1") for n in names)
         self._timeless = view.timeless
 
-    @property
-    def needs_headers(self) -> bool:
-        """Whether a rule of this route reads headers (the caller must pass them)."""
-        return bool(self.header_names)
-
     def decide(
         self, method: str, host: str, path: str, now: float, headers: Headers = ()
     ) -> Decision:

@@ -39,6 +39,7 @@ from sidecar.limits import Limiter
 from sidecar.protocols.http1 import (
     MAX_HEAD,
     MAX_TARGET,
+    STATUS_TEXT,
     BadRequest,
     ResponseFramer,
     UpstreamError,
@@ -350,7 +351,8 @@ class HttpSession:
             None, False, True, self.ctx.clock(), time.monotonic(), "", "", "", None, "deny",
             None, len(self._url) + self._head_size,
         )  # fmt: skip
-        body = {"error": STATUS_REASON.get(status, "bad request"), "message": f"sluice: {reason}"}
+        error = STATUS_TEXT.get(status, "Bad Request").lower()
+        body = {"error": error, "message": f"sluice: {reason}"}
         self._answer(cur, status, body, "deny")
         self._state = _DRAIN  # read nothing more; close once answered in turn
 
@@ -535,11 +537,3 @@ class HttpSession:
                 bytes_out=bytes_out,
             )
         )
-
-
-STATUS_REASON = {
-    400: "bad request",
-    405: "method not allowed",
-    414: "uri too long",
-    431: "request header fields too large",
-}

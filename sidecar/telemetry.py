@@ -155,15 +155,7 @@ class TelemetrySink:
         attrs: dict[str, Any] = {
             "db.system": DB_SYSTEMS.get(event.protocol, event.protocol or "other_sql"),
             "db.statement": event.statement,
-            "sluice.decision": event.decision,
-            "sluice.action": event.action,
-            "sluice.enforced": event.enforced,
-            "sluice.rules": list(event.rules),
-            "sluice.app": event.app,
-            "sluice.instance": event.instance,
-            "sluice.service": event.service,
-            "sluice.session": event.session,
-            "sluice.policy_version": event.policy_version,
+            **_sluice_attributes(event),
         }
         if verb:
             attrs["db.operation"] = verb
@@ -194,15 +186,7 @@ class TelemetrySink:
         attrs: dict[str, Any] = {
             "http.request.method": event.method,
             "url.path": event.path or "",
-            "sluice.decision": event.decision,
-            "sluice.action": event.action,
-            "sluice.enforced": event.enforced,
-            "sluice.rules": list(event.rules),
-            "sluice.app": event.app,
-            "sluice.instance": event.instance,
-            "sluice.service": event.service,
-            "sluice.session": event.session,
-            "sluice.policy_version": event.policy_version,
+            **_sluice_attributes(event),
         }
         if event.host:
             attrs["server.address"] = (
@@ -227,6 +211,21 @@ class TelemetrySink:
 
     def close(self) -> None:
         pass
+
+
+def _sluice_attributes(event: AuditEvent) -> dict[str, Any]:
+    """The `sluice.*` span attributes every recorded decision carries, SQL or HTTP."""
+    return {
+        "sluice.decision": event.decision,
+        "sluice.action": event.action,
+        "sluice.enforced": event.enforced,
+        "sluice.rules": list(event.rules),
+        "sluice.app": event.app,
+        "sluice.instance": event.instance,
+        "sluice.service": event.service,
+        "sluice.session": event.session,
+        "sluice.policy_version": event.policy_version,
+    }
 
 
 def otlp_endpoint(config: SidecarConfig, env: Mapping[str, str] = os.environ) -> str | None:

@@ -253,12 +253,18 @@ class ResponseFramer:
         return False
 
     def feed(self, data: bytes, is_head: Callable[[int], bool]) -> int:
-        done = 0
-        pos = 0
-        base = 0  # offset of data[0] in the caller's data (negative after a re-join)
-        n = len(data)
         if self._state == _TUNNEL:
             return 0
+        done = 0
+        pos = 0
+        base = 0  # offset of data[0] in the caller's data
+        if self._buf:
+            # A partial head or line is kept only when a read ended inside it: join it to
+            # this read once; its bytes come before the caller's offset 0.
+            base = -len(self._buf)
+            data = self._buf + data
+            self._buf = b""
+        n = len(data)
         while pos < n:
             state = self._state
             if state == _LENGTH:
@@ -270,12 +276,6 @@ class ResponseFramer:
                     self._done(pos + base)
                     done += 1
             elif state == _NEED_HEAD:
-                if self._buf:
-                    base = pos - len(self._buf) + base
-                    data = self._buf + data[pos:]
-                    n = len(data)
-                    pos = 0
-                    self._buf = b""
                 end = data.find(b"\r\n\r\n", pos)
                 if end < 0:
                     if n - pos > MAX_RESPONSE_HEAD:
@@ -314,12 +314,6 @@ class ResponseFramer:
                 self.size += n - pos
                 return done
             else:  # _CHUNK_SIZE or _TRAILER: one line at a time
-                if self._buf:
-                    base = pos - len(self._buf) + base
-                    data = self._buf + data[pos:]
-                    n = len(data)
-                    pos = 0
-                    self._buf = b""
                 eol = data.find(b"\r\n", pos)
                 if eol < 0:
                     if n - pos > 4096:
