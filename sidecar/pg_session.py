@@ -2,7 +2,8 @@
 
 The driver (`sidecar/server.py`) feeds bytes from the app to `client_data` and bytes from the
 server to `server_data`, then writes out `to_server` and `to_client`. In between, every
-statement is decided:
+statement is decided (the deciding methods live in `sidecar/pg_deciding.py`; this module
+frames both directions, matches answers to requests and keeps the session's state):
 
 - each statement of a simple Query; the first one denied is replaced, from its first byte
   to the end of the string, by a statement that makes the server raise 42501 (so the
@@ -29,35 +30,39 @@ message as the last one) or one dict lookup, and an Execute of a statement whose
 decision was a plain allow (nothing to limit, audit or count) a lookup of its portal; both
 then check that the decision still holds (same policy set and, with time windows, the same
 minute; for a text with a backslash, no answer outstanding). Everything else leaves the
-loop for a method.
+loop for a method of `PgDeciding`.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 
-from policies.engine import Decision, Engine
 from policies.spec import Action
 from policies.sql.inspect import POSTGRES, SessionState
-from policies.sql.model import StatementInfo, parse_error
+from policies.sql.model import StatementInfo
+from sidecar.pg_deciding import (
+    BIND,
+    BIND_SWALLOW,
+    BOUND,
+    DENIED,
+    EXEC,
+    EXECUTED,
+    LIMITED,
+    PARSE,
+    PARSE_SWALLOW,
+    PARSED,
+    SYNC,
+    SYNCED,
+    PgDeciding,
+    Prepared,
+    Tracked,
+)
 from sidecar.protocols import postgres as pg
-from sidecar.session_common import RouteContext, Run, SessionAudit, deny_text, limit_text
+from sidecar.session_common import RouteContext
 
 __all__ = ["DENIED", "LIMITED", "PROTOCOL_VIOLATION", "PgSession", "RouteContext"]
 
-DENIED = "42501"  # insufficient_privilege: what the server says for a missing GRANT
-LIMITED = "53400"  # configuration_limit_exceeded
 PROTOCOL_VIOLATION = "08P01"
-
-# Tracked requests, in the order the server answers them: (kind, audit run or None).
-_PARSE, _PARSE_SWALLOW, _BIND, _BIND_SWALLOW, _EXEC, _SYNC = range(6)
-_Tracked = tuple[int, Run | None]
-# The entries without a run, made once: most of what the FIFO holds.
-_PARSED: _Tracked = (_PARSE, None)
-_BOUND: _Tracked = (_BIND, None)
-_EXECUTED: _Tracked = (_EXEC, None)
-_SYNCED: _Tracked = (_SYNC, None)
 
 
 def _kinds(codes: dict[bytes, int]) -> bytes:
@@ -99,53 +104,9 @@ _SERVER_KINDS = _kinds(
 _BYTES = tuple(bytes((k,)) for k in range(256))  # one-byte values without allocating
 
 _STARTUP, _AUTH, _READY = range(3)
-_OPAQUE_CALL = StatementInfo(verb="CALL", verbs=frozenset({"CALL"}), opaque=True)
-_UNKNOWN_PORTAL = StatementInfo(verb="EXECUTE", verbs=frozenset({"EXECUTE"}), opaque=True)
-_PARSE_MEMO_SIZE = 256
-_UNSETTLED = (
-    "contains a backslash and was sent before the server answered earlier statements that "
-    "may change how it reads backslashes (standard_conforming_strings, client_encoding)"
-)
 
 
-class _Prepared:
-    """A statement the app parsed, and its last decision: shared by every name and portal
-    it was parsed or bound as, and by the Parse memo (one text, one session)."""
-
-    __slots__ = ("decision", "engine", "minute", "plain", "slash", "sql", "statements")
-
-    def __init__(
-        self, sql: str, statements: tuple[StatementInfo, ...], decision: Decision, slash: bool
-    ) -> None:
-        self.sql = sql
-        self.statements = statements
-        self.slash = slash  # the text has a backslash: reused only when the state is settled
-        self.decision = decision
-        self.engine: Engine | None = None  # the decision holds for this engine ...
-        self.minute = -1  # ... and this minute (-1: any minute, no rule has a time window)
-        # The engine while the decision is a plain allow (an Execute then only needs its
-        # answer matched), else None.
-        self.plain: Engine | None = None
-
-    def keep(self, decision: Decision, engine: Engine, minute: int) -> None:
-        """Keep a decision for reuse while the engine (and, with time windows, the minute)
-        stays the same."""
-        statements = self.statements
-        self.decision, self.engine, self.minute = decision, engine, minute
-        plain = (
-            decision.applied is Action.ALLOW
-            and decision.action is Action.ALLOW
-            and not decision.audit
-            and not decision.limits
-            and not decision.dry_limits
-            and len(statements) == 1
-            and statements[0].prepare_name is None
-            and statements[0].deallocate_name is None
-        )
-        self.plain = engine if plain else None
-
-
-class PgSession(SessionAudit):
+class PgSession(PgDeciding):
     """The protocol state machine of one app connection and its server connection."""
 
     protocol = "postgres"
@@ -167,15 +128,15 @@ class PgSession(SessionAudit):
         self._cin = bytearray()  # an incomplete message from the app, until the rest comes
         self._sin = bytearray()  # the same from the server
         self._phase = _STARTUP
-        self._pending: deque[_Tracked] = deque()
+        self._pending: deque[Tracked] = deque()
         self._discarding = False  # after a denied Parse/Execute: drop until Sync
-        self._statements: dict[bytes, _Prepared] = {}  # by statement name
-        self._portals: dict[bytes, _Prepared | None] = {}  # what each portal was bound to
+        self._statements: dict[bytes, Prepared] = {}  # by statement name
+        self._portals: dict[bytes, Prepared | None] = {}  # what each portal was bound to
         # Per Parse text, reset when the session's reading of text changes
         # (standard_conforming_strings, client_encoding): apps re-Parse the same texts.
-        self._parsed: dict[bytes, _Prepared] = {}
+        self._parsed: dict[bytes, Prepared] = {}
         # The last Parse message found in `_parsed`: (message, statement name, statement).
-        self._last_parse: tuple[bytes, bytes, _Prepared] | None = None
+        self._last_parse: tuple[bytes, bytes, Prepared] | None = None
         self._sql_prepared: dict[str, StatementInfo] = {}
         self.state: SessionState = POSTGRES
         self.encoding = "utf-8"
@@ -231,7 +192,7 @@ class PgSession(SessionAudit):
                     if kind == 0x53:  # Sync ends the error state
                         discarding = self._discarding = False
                         out += buf[pos:end]
-                        pending.append(_SYNCED)
+                        pending.append(SYNCED)
                     pos = end
                     continue
                 code = kinds[kind]
@@ -251,7 +212,7 @@ class PgSession(SessionAudit):
                     name = b"" if at == nul + 1 else bytes(buf[nul + 1 : at])
                     portal = b"" if nul == pos + 5 else bytes(buf[pos + 5 : nul])
                     portals[portal] = self._statements.get(name)
-                    pending.append(_BOUND)
+                    pending.append(BOUND)
                 elif code == _C_EXECUTE:
                     if end > pos + 5 and not buf[pos + 5]:
                         bound = portals.get(b"")
@@ -264,7 +225,7 @@ class PgSession(SessionAudit):
                         if minute < 0 <= bound.minute:
                             minute = int(ctx.clock() // 60)
                         if bound.minute < 0 or bound.minute == minute:
-                            pending.append(_EXECUTED)
+                            pending.append(EXECUTED)
                             pos = end
                             continue
                     replacement = self._execute(buf, pos, end, bound)
@@ -277,12 +238,12 @@ class PgSession(SessionAudit):
                         pos = end
                         break
                 elif code == _C_SYNC:
-                    pending.append(_SYNCED)
+                    pending.append(SYNCED)
                 elif code == _C_PARSE:
                     # Apps re-Parse the same texts (unnamed statements), most often the
                     # very message they sent last: then one comparison finds its decision.
                     last = self._last_parse
-                    known: _Prepared | None
+                    known: Prepared | None
                     if last is not None and buf.startswith(last[0], pos):
                         name, known, new = last[1], last[2], False
                     else:
@@ -305,7 +266,7 @@ class PgSession(SessionAudit):
                             if new:
                                 self._last_parse = (bytes(buf[pos:end]), name, known)
                             self._statements[name] = known
-                            pending.append(_PARSED)
+                            pending.append(PARSED)
                             pos = end
                             continue
                     replacement = self._parse(buf, pos, end)
@@ -376,201 +337,6 @@ class PgSession(SessionAudit):
                 major, minor = code >> 16, code & 0xFFFF
                 self._fail(f"unsupported frontend protocol {major}.{minor}")
 
-    def _query(self, buf: bytes | bytearray, pos: int, end: int) -> bytes | None:
-        """Decide a simple Query; returns what to send instead of it (b"": nothing yet, a
-        delay holds it), or None to send it unchanged."""
-        raw = bytes(buf[pos + 5 : end - 1])
-        ctx = self.ctx
-        now = ctx.clock()
-        sql, statements, decision = self._decide_text(raw, now)
-        applied = decision.applied
-        if applied is Action.DENY:
-            return self._deny_query(raw, sql, statements, now)
-        pending = self._pending
-        if (
-            applied is Action.ALLOW
-            and decision.action is Action.ALLOW
-            and not decision.audit
-            and not decision.limits
-            and not decision.dry_limits
-            and not ctx.record_all
-        ):  # a plain allow: nothing to limit or audit, only the answers to match
-            for info in statements:
-                if info.prepare_name is not None or info.deallocate_name is not None:
-                    self._remember_sql_prepared(statements)
-                    break
-            if len(statements) == 1:
-                pending.append(_EXECUTED)
-            else:
-                pending.extend([_EXECUTED] * len(statements))
-            pending.append(_SYNCED)
-            return None
-        outcome = "allow"
-        if decision.limits:
-            granted = ctx.limiter.take(decision.limits, now)
-            if not granted.granted:
-                assert granted.exceeded is not None
-                return self._reject(sql, statements, decision, now, limit_text(granted.exceeded))
-            if granted.delay > 0:
-                outcome = "delay"
-                self.wait = granted.delay
-        self._remember_sql_prepared(statements)
-        self._track_statements(sql, statements, decision, now, outcome)
-        pending.append(_SYNCED)
-        if self.wait:
-            self._held = bytes(buf[pos:end])
-            return b""
-        return None
-
-    def _deny_query(
-        self, raw: bytes, sql: str, statements: tuple[StatementInfo, ...], now: float
-    ) -> bytes:
-        """Run the statements before the first denied one, then make the server raise."""
-        engine, peer = self.ctx.decider.engine, self.ctx.peer
-        prefix = b""
-        cut = 0
-        denied_decision: Decision | None = None
-        for i, info in enumerate(statements):
-            d = engine.decide(peer, info, now)
-            if d.applied is Action.DENY or info.span is None:
-                denied_decision, cut = d, i
-                break
-        if denied_decision is None or denied_decision.applied is not Action.DENY:
-            denied_decision = engine.decide_all(peer, statements, now)
-            cut = 0
-        if cut > 0:
-            span = statements[cut].span
-            assert span is not None
-            prefix = self._prefix_bytes(raw, sql, span[0])
-            allowed = statements[:cut]
-            self._track_statements(
-                sql, allowed, engine.decide_all(peer, allowed, now), now, "allow"
-            )
-        text = deny_text(denied_decision, statements[cut] if statements else None)
-        raiser = pg.raise_statement(DENIED, text, detail=denied_decision.reason)
-        run = Run(
-            now,
-            time.monotonic(),
-            sql,
-            statements[cut] if statements else None,
-            denied_decision,
-            "deny",
-        )
-        self._pending.append((_EXEC, run))
-        self._pending.append(_SYNCED)
-        return pg.query(prefix + self._encode(raiser))
-
-    def _reject(
-        self,
-        sql: str,
-        statements: tuple[StatementInfo, ...],
-        decision: Decision,
-        now: float,
-        text: str,
-    ) -> bytes:
-        run = Run(
-            now, time.monotonic(), sql, statements[0] if statements else None, decision, "reject"
-        )
-        self._pending.append((_EXEC, run))
-        self._pending.append(_SYNCED)
-        return pg.query(self._encode(pg.raise_statement(LIMITED, text)))
-
-    def _parse(self, buf: bytes | bytearray, pos: int, end: int) -> bytes | None:
-        """Decide a Parse (deny only); returns what to send instead of it, or None."""
-        name, raw = pg.parse_fields(buf, pos + 5, end)
-        ctx = self.ctx
-        now = ctx.clock()
-        engine = ctx.decider.engine
-        minute = int(now // 60)
-        known = self._parsed.get(raw)
-        if (
-            known is None
-            or known.engine is not engine
-            or (known.minute >= 0 and known.minute != minute)
-            or (known.slash and self._pending)
-        ):
-            sql, statements, decision = self._decide_text(raw, now)
-            known = _Prepared(sql, statements, decision, b"\\" in raw)
-            unsettled = known.slash and bool(self._pending)
-            if not unsettled and not any(s.execute_name for s in statements):
-                # Else the decision depends on the session's PREPAREs, or on answers not
-                # in yet: Execute decides again (engine None: nothing to reuse).
-                timeless = engine.view(ctx.peer).timeless
-                known.keep(decision, engine, -1 if timeless else minute)
-                if len(self._parsed) >= _PARSE_MEMO_SIZE:
-                    self._forget_parsed()
-                self._parsed[raw] = known
-                self._last_parse = (bytes(buf[pos:end]), name, known)
-        decision = known.decision
-        if decision.applied is Action.DENY:
-            self._statements.pop(name, None)
-            info = known.statements[0] if known.statements else None
-            run = Run(now, time.monotonic(), known.sql, info, decision, "deny")
-            return self._inject(deny_text(decision, info), DENIED, run, decision.reason)
-        self._statements[name] = known
-        self._pending.append(_PARSED)
-        return None
-
-    def _execute(
-        self, buf: bytes | bytearray, pos: int, end: int, bound: _Prepared | None
-    ) -> bytes | None:
-        """Decide an Execute of a portal bound to `bound` (None: a portal not seen bound);
-        returns what to send instead of it (b"": nothing yet, a delay holds it), or None."""
-        ctx = self.ctx
-        now = ctx.clock()
-        sql, statements, decision = self._decide_statement(bound, now)
-        info = statements[0] if statements else None
-        if decision.applied is Action.DENY:
-            run = Run(now, time.monotonic(), sql, info, decision, "deny")
-            return self._inject(deny_text(decision, info), DENIED, run, decision.reason)
-        outcome = "allow"
-        if decision.limits:
-            granted = ctx.limiter.take(decision.limits, now)
-            if not granted.granted:
-                assert granted.exceeded is not None
-                run = Run(now, time.monotonic(), sql, info, decision, "reject")
-                return self._inject(limit_text(granted.exceeded), LIMITED, run, None)
-            if granted.delay > 0:
-                outcome = "delay"
-                self.wait = granted.delay
-        if info is not None and (info.prepare_name is not None or info.deallocate_name is not None):
-            self._remember_sql_prepared(statements)
-        self._pending.append((_EXEC, self._run(sql, info, decision, now, outcome, shape=None)))
-        if self.wait:
-            self._held = bytes(buf[pos:end])
-            return b""
-        return None
-
-    def _decide_statement(
-        self, bound: _Prepared | None, now: float
-    ) -> tuple[str, tuple[StatementInfo, ...], Decision]:
-        """Decide what a portal runs. Repeated executions of one prepared statement reuse
-        the decision while the policy set is the same and, with time windows, the minute."""
-        ctx = self.ctx
-        engine = ctx.decider.engine
-        if bound is None:  # a portal we did not see bound: decide it opaque
-            return "", (_UNKNOWN_PORTAL,), engine.decide(ctx.peer, _UNKNOWN_PORTAL, now)
-        sql, statements = bound.sql, bound.statements
-        minute = int(now // 60)
-        if bound.engine is engine and (bound.minute < 0 or bound.minute == minute):
-            return sql, statements, bound.decision
-        _, decision = ctx.decider.decide(sql, now, self.state)
-        resolved, decision = self._resolve(statements, decision, now)
-        if not any(s.execute_name for s in statements):  # not an EXECUTE of a PREPAREd one
-            timeless = engine.view(ctx.peer).timeless
-            bound.keep(decision, engine, -1 if timeless else minute)
-        return sql, resolved, decision
-
-    def _inject(self, text: str, code: str, run: Run, detail: str | None) -> bytes:
-        """Parse/Bind/Execute of a raising statement in place of the app's message; the app's
-        following messages are dropped until its Sync, as the server would drop them."""
-        self._discarding = True
-        self._pending.append((_PARSE_SWALLOW, None))
-        self._pending.append((_BIND_SWALLOW, None))
-        self._pending.append((_EXEC, run))
-        raiser = self._encode(pg.raise_statement(code, text, detail=detail))
-        return pg.parse(b"", raiser) + pg.bind(b"", b"") + pg.execute(b"")
-
     def _close(self, buf: bytes | bytearray, pos: int, end: int) -> None:
         if end - pos < 7:
             raise pg.ProtocolError("Close message too short")
@@ -579,38 +345,6 @@ class PgSession(SessionAudit):
             self._statements.pop(name, None)
         else:
             self._portals.pop(name, None)
-
-    def _function_call(self, message: bytes) -> bytes | None:
-        now = self.ctx.clock()
-        decision = self.ctx.decider.engine.decide(self.ctx.peer, _OPAQUE_CALL, now)
-        if decision.applied is Action.DENY:
-            return self._deny_query(b"", "<function call>", (_OPAQUE_CALL,), now)
-        self._pending.append(
-            (_EXEC, self._run("<function call>", _OPAQUE_CALL, decision, now, "allow"))
-        )
-        self._pending.append(_SYNCED)
-        return None
-
-    # -- deciding ---------------------------------------------------------------------------
-
-    def _decide_text(
-        self, raw: bytes, now: float
-    ) -> tuple[str, tuple[StatementInfo, ...], Decision]:
-        ctx = self.ctx
-        try:
-            sql = raw.decode(self.encoding)
-        except (UnicodeDecodeError, LookupError) as exc:
-            bad = (parse_error(f"cannot decode the statement as {self.encoding}: {exc}"),)
-            return raw.decode("latin-1"), bad, ctx.decider.engine.decide_all(ctx.peer, bad, now)
-        if self._pending and b"\\" in raw:
-            # Earlier statements are still unanswered and may change how the server reads
-            # backslashes (standard_conforming_strings, client_encoding): fail closed.
-            unsure = (parse_error(_UNSETTLED),)
-            return sql, unsure, ctx.decider.engine.decide_all(ctx.peer, unsure, now)
-        statements, decision = ctx.decider.decide(sql, now, self.state)
-        if self._sql_prepared:
-            statements, decision = self._resolve(statements, decision, now)
-        return sql, statements, decision
 
     # -- server -> app ----------------------------------------------------------------------
 
@@ -646,9 +380,9 @@ class PgSession(SessionAudit):
                 elif code == _S_DONE:  # CommandComplete, EmptyQueryResponse, PortalSuspended
                     if pending:
                         head = pending[0]
-                        if head is _EXECUTED:
+                        if head is EXECUTED:
                             pending.popleft()
-                        elif head[0] == _EXEC:
+                        elif head[0] == EXEC:
                             pending.popleft()
                             run = head[1]
                             if run is not None:
@@ -662,18 +396,18 @@ class PgSession(SessionAudit):
                         self._phase = _READY
                     while pending:  # everything up to the Sync it answers
                         tracked, run = pending.popleft()
-                        if tracked == _SYNC:
+                        if tracked == SYNC:
                             break
                         if run is not None:  # answered by nothing: it did not run
                             self.record(run, None, "skipped")
                 elif code == _S_PARSED:  # ParseComplete, BindComplete
                     if pending:
                         tracked = pending[0][0]
-                        if tracked in (_PARSE_SWALLOW, _BIND_SWALLOW):
+                        if tracked in (PARSE_SWALLOW, BIND_SWALLOW):
                             out += buf[fwd:pos]
                             fwd = end
                             pending.popleft()
-                        elif tracked in (_PARSE, _BIND):
+                        elif tracked in (PARSE, BIND):
                             pending.popleft()
                 elif code == _S_ERROR:
                     replacement = self._server_error(buf, pos, end)
@@ -711,14 +445,14 @@ class PgSession(SessionAudit):
             return None
         fields = pg.error_fields(buf, pos + 5, end)
         replacement = None
-        if pending[0][0] == _EXEC:
+        if pending[0][0] == EXEC:
             run = pending.popleft()[1]
             if run is not None:
                 self.record(run, None, fields.get("C"))
                 if run.outcome in ("deny", "reject") and "W" in fields:
                     replacement = pg.error_message({k: v for k, v in fields.items() if k != "W"})
         # The server skips everything up to the next Sync (or ends the simple query).
-        while pending and pending[0][0] != _SYNC:
+        while pending and pending[0][0] != SYNC:
             pending.popleft()
         return replacement
 
@@ -733,45 +467,6 @@ class PgSession(SessionAudit):
         elif key == "client_encoding":
             self.encoding = pg.python_codec(val)
             self._forget_parsed()
-
-    def _forget_parsed(self) -> None:
-        self._parsed.clear()
-        self._last_parse = None
-
-    # -- audit ------------------------------------------------------------------------------
-
-    def _track_statements(
-        self,
-        sql: str,
-        statements: tuple[StatementInfo, ...],
-        decision: Decision,
-        now: float,
-        outcome: str,
-    ) -> None:
-        if not statements:
-            return
-        if len(statements) == 1:
-            shape = self.ctx.decider.last_shape
-            run = self._run(sql, statements[0], decision, now, outcome, shape=shape)
-            self._pending.append((_EXEC, run))
-            return
-        for run in self._each_statement(sql, statements, decision, now, outcome):
-            self._pending.append((_EXEC, run))
-
-    # -- helpers ----------------------------------------------------------------------------
-
-    def _encode(self, text: str) -> bytes:
-        try:
-            return text.encode(self.encoding, "replace")
-        except LookupError:  # unknown client encoding: our own texts are ASCII-safe
-            return text.encode("ascii", "replace")
-
-    def _prefix_bytes(self, raw: bytes, sql: str, utf8_offset: int) -> bytes:
-        """The bytes of `raw` before the statement at `utf8_offset` (a span start)."""
-        if self.encoding == "utf-8":
-            return raw[:utf8_offset]
-        chars = len(sql.encode()[:utf8_offset].decode("utf-8", "ignore"))
-        return self._encode(sql[:chars])
 
     def _fail(self, reason: str) -> None:
         self.to_client += pg.error_response(
