@@ -1,12 +1,21 @@
-"""Shared helpers for the benchmarks: bounded timing loops, percentiles and tables."""
+"""Shared helpers for the benchmarks: bounded timing loops, percentiles and tables; for the
+sidecar benchmarks, the guard policy set, the proxies under test as child processes (start,
+stop, CPU time from /proc), rounds of runs with medians, and the comparison table."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
+import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,6 +78,293 @@ def flush() -> None:
     sys.stdout.flush()
 
 
+def tool_missing(tools: Sequence[str], hint: str = "") -> bool:
+    """Whether one of `tools` is neither on PATH nor in /usr/sbin; says which, and that the
+    benchmark is skipped."""
+    for tool in tools:
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").is_file():
+            print(f"{tool} not found{hint}; skipped")
+            return True
+    return False
+
+
+def number(pattern: str, text: str) -> float:
+    """The first group of `pattern` in a load tool's output, as a float; 0.0 if absent."""
+    match = re.search(pattern, text)
+    return float(match.group(1)) if match else 0.0
+
+
+def _loads() -> str:
+    """The load average (1, 5, 15 minutes), printed before and after every sidecar run."""
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+# --- the processes a sidecar benchmark runs its load through ----------------------------
+
+SLUICE = REPO / ".venv" / "bin" / "sluice"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# HAProxy's defaults for a TCP proxy (PostgreSQL, MySQL); the HTTP benchmark passes its own.
+HAPROXY_TCP = "  mode tcp\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Somewhere the load tool connects: the server itself ("direct") or a proxy we started."""
+
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(
+    name: str, argv: Sequence[str], port: int, tmp: Path, env: dict[str, str] | None = None
+) -> Target | None:
+    """Start a proxy and wait until it accepts connections; None (and why) if it cannot."""
+    err = open(tmp / f"{name}.stderr", "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp, env=env)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return Target(name, port, proc)
+        except OSError:
+            time.sleep(0.1)
+    stop(Target(name, port, proc))
+    detail = (tmp / f"{name}.stderr").read_text(errors="replace").strip()
+    print(f"{name}: did not start ({detail[-300:] or 'no output'}); its rows skipped")
+    return None
+
+
+def stop(target: Target) -> None:
+    if target.proc is not None:
+        terminate(target.proc)
+
+
+def terminate(proc: subprocess.Popen[bytes], grace: float = 5) -> None:
+    """SIGTERM, and SIGKILL if the process has not exited within `grace` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def proxy_run(
+    prefix: str, targets: list[Target], cleanup: Callable[[], object] = lambda: None
+) -> Iterator[Path]:
+    """A temp dir for the proxies' configs and logs. On the way out every target in
+    `targets` (which the caller appends to) is stopped and `cleanup` runs, whatever
+    happened; the load average is printed before and after."""
+    print(f"{os.cpu_count()} CPUs, load average {_loads()}")
+    with tempfile.TemporaryDirectory(prefix=prefix) as name:
+        try:
+            yield Path(name)
+        finally:
+            for target in reversed(targets):
+                stop(target)
+            cleanup()
+    print(f"load average after the runs {_loads()}")
+
+
+def started(*made: Target | None) -> list[Target]:
+    """The proxies that did start (each that did not has said why)."""
+    return [target for target in made if target is not None]
+
+
+def haproxy(
+    tmp: Path, upstream: tuple[str, int], defaults: str = HAPROXY_TCP, maxconn: int = 256
+) -> Target | None:
+    """HAProxy with one thread, like the other proxies, in front of `upstream`."""
+    binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if not Path(binary).is_file():
+        print("haproxy not installed (make bench-deps); its rows skipped")
+        return None
+    port = free_port()
+    cfg = tmp / "haproxy.cfg"
+    cfg.write_text(
+        f"global\n  nbthread 1\n  maxconn {maxconn}\ndefaults\n{defaults}"
+        f"listen bench\n  bind 127.0.0.1:{port}\n  server upstream {upstream[0]}:{upstream[1]}\n"
+    )
+    return start("haproxy", [binary, "-db", "-f", str(cfg)], port, tmp)
+
+
+def relay(tmp: Path, upstream: tuple[str, int]) -> Target | None:
+    """The bare uvloop relay (`relay.py`): the ceiling for any Python proxy."""
+    port = free_port()
+    argv = [sys.executable, str(Path(__file__).with_name("relay.py")), str(port)]
+    return start("relay", [*argv, upstream[0], str(upstream[1])], port, tmp)
+
+
+def sidecar(
+    tmp: Path,
+    policies: Path,
+    upstream: tuple[str, int],
+    *,
+    service: str,
+    protocol: str | None = None,
+    audit: str = "non-allow",
+    audit_log: bool = False,
+    name: str = "sidecar",
+    env: dict[str, str] | None = None,
+) -> Target | None:
+    """`sluice sidecar` as app `bench` in front of `upstream`; `protocol` None: its default."""
+    port = free_port()
+    argv = [str(SLUICE), "sidecar", *(["--protocol", protocol] if protocol else [])]
+    argv += ["--app", "bench", "--service", service, "--listen", f"127.0.0.1:{port}"]
+    argv += ["--upstream", f"{upstream[0]}:{upstream[1]}", "--policies", str(policies)]
+    argv += ["--audit", audit, "--log-level", "warning"]
+    if audit_log:
+        argv += ["--audit-log", str(tmp / "audit.jsonl")]
+    return start(name, argv, port, tmp, env)
+
+
+def cpu_ticks(target: Target) -> int:
+    """utime + stime of the target's process and its children (nginx's worker), from /proc."""
+    if target.proc is None:
+        return 0
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    total, todo = 0, [target.proc.pid]
+    for _ in range(1000):  # bounded walk of the tree
+        if not todo:
+            break
+        pid = todo.pop()
+        if pid in stats:
+            total += int(stats[pid][11]) + int(stats[pid][12])  # utime, stime (14, 15 of stat)
+        todo += children.get(pid, [])
+    return total
+
+
+def cpu_us(target: Target, ticks: int, count: int) -> float | None:
+    """The proxy's CPU µs per transaction or request; None for direct (no proxy)."""
+    if target.name == "direct" or target.proc is None or not count:
+        return None
+    return ticks / CLK_TCK * 1e6 / count
+
+
+# --- runs, rounds and the comparison table ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """One load-tool run through one target; latencies are those the tool reports (0 if not)."""
+
+    rate: float  # transactions or requests per second
+    count: int  # transactions or requests done
+    errors: int  # failed transactions, ignored errors, non-2xx/3xx responses
+    cpu_us: float | None  # proxy CPU per transaction or request; None for direct
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    p99_ms: float = 0.0
+
+
+def median(runs: Sequence[Run]) -> Run:
+    """The median of each figure over rounds; errors are summed."""
+    cpu = [r.cpu_us for r in runs if r.cpu_us is not None]
+    return Run(
+        rate=statistics.median(r.rate for r in runs),
+        count=int(statistics.median(r.count for r in runs)),
+        errors=sum(r.errors for r in runs),
+        cpu_us=statistics.median(cpu) if cpu else None,
+        p50_ms=statistics.median(r.p50_ms for r in runs),
+        p95_ms=statistics.median(r.p95_ms for r in runs),
+        p99_ms=statistics.median(r.p99_ms for r in runs),
+    )
+
+
+def rotated(targets: Sequence[Target], turn: int) -> list[Target]:
+    """The targets starting from the `turn`-th, so that no target always runs first."""
+    k = turn % len(targets)
+    return [*targets[k:], *targets[:k]]
+
+
+def measure(
+    targets: Sequence[Target],
+    workloads: Sequence[str],
+    repeat: int,
+    run: Callable[[Target, str, int], Run],
+    warm_up: Callable[[Target], object],
+    progress: Callable[[str, Target, Run], str],
+) -> dict[str, dict[str, Run]]:
+    """workload -> target name -> median over `repeat` rounds of `run(target, workload,
+    round)`. Every target is warmed up first (connections, caches, the sidecar's decisions);
+    the order of targets rotates from one workload and round to the next."""
+    runs: dict[str, dict[str, list[Run]]] = {w: {t.name: [] for t in targets} for w in workloads}
+    for target in targets:
+        warm_up(target)
+    turn = 0
+    for r in range(repeat):
+        for workload in workloads:
+            for target in rotated(targets, turn):
+                got = run(target, workload, r)
+                runs[workload][target.name].append(got)
+                print(f"  round {r + 1} {progress(workload, target, got)}")
+                flush()
+            turn += 1
+    return {w: {name: median(rs) for name, rs in by.items()} for w, by in runs.items()}
+
+
+def ratio(rate: float, base: Run | None) -> str:
+    return f"{rate / base.rate:.2f}" if base is not None and base.rate else "-"
+
+
+def comparison(
+    results: dict[str, Run],
+    peer: str,
+    rate: str,
+    columns: Sequence[tuple[str, Callable[[Run], object]]],
+    cpu: str,
+    errors: str = "errors",
+    cpu_digits: int = 1,
+) -> str:
+    """The table every sidecar benchmark prints: a row per path with its rate, its ratios to
+    direct and to `peer`, the tool's `columns`, the proxy's CPU per unit of work, errors."""
+    direct, base = results["direct"], results.get(peer)
+    rows = [
+        (
+            name,
+            f"{run.rate:.0f}",
+            ratio(run.rate, direct),
+            ratio(run.rate, base),
+            *(cell(run) for _, cell in columns),
+            f"{run.cpu_us:.{cpu_digits}f}" if run.cpu_us is not None else "-",
+            run.errors,
+        )
+        for name, run in results.items()
+    ]
+    headers = ("path", rate, "x direct", f"x {peer}", *(h for h, _ in columns), cpu, errors)
+    return table(headers, rows)
+
+
+def sidecar_vs(results: dict[str, Run], peer: str) -> tuple[Run, Run] | None:
+    """The sidecar's and the peer's runs, or None when either did not run (or did nothing)."""
+    side, base = results.get("sidecar"), results.get(peer)
+    if side is None or base is None or not base.rate:
+        return None
+    return side, base
+
+
 # --- the policy set the sidecar benchmarks run with -------------------------------------
 
 OTHER_TABLES = ("orders", "order_items", "customers", "invoices", "shipments", "refunds")
@@ -114,11 +410,11 @@ def guard_policy(
     return head + "".join(f"    {r}\n" for r in rules)
 
 
-def write_policy_file(tmp: Path, text: str, sluice: Path) -> Path:
+def write_policy_file(tmp: Path, text: str) -> Path:
     """Write the policy set and check it with `sluice policy check`; exit if it is rejected."""
     path = tmp / "policies.yaml"
     path.write_text(text)
-    argv = [str(sluice), "policy", "check", str(path)]
+    argv = [str(SLUICE), "policy", "check", str(path)]
     out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
     if out.returncode != 0:
         raise SystemExit(f"generated policy set rejected:\n{out.stdout}{out.stderr}")

@@ -37,7 +37,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import check, percentile, table
+from bench.common import check, percentile, table, terminate
 from mesh.store import Stores
 from mesh.store.audit import AuditFilter
 from policies.engine import Engine
@@ -114,12 +114,7 @@ class Up:
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        terminate(self.proc, grace=10)
 
 
 def bench_ingest(up: Up, total: int) -> float:

@@ -35,66 +35,36 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
-import os
 import re
-import shutil
 import signal
-import statistics
 import subprocess
 import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from common import REPO, check, flush, percentile, table, write_policy_file
-from pg_sidecar import Target, free_port, start, stop
+from common import (
+    SLUICE,
+    Run,
+    Target,
+    check,
+    comparison,
+    cpu_ticks,
+    cpu_us,
+    flush,
+    measure,
+    proxy_run,
+    relay,
+    sidecar,
+    started,
+    tool_missing,
+    write_policy_file,
+)
+from http_paced import Paced, fixed_load, report_latency
+from http_peers import INDEX_BYTES, PATH, haproxy_http, mitmproxy, nginx_proxy, origin
 
 MODES = ("direct", "haproxy", "nginx", "relay", "mitmproxy", "sidecar")
 LATENCY_MODES = ("direct", "haproxy", "relay", "sidecar")
-PATH, INDEX_BYTES = "/index.html", 612  # nginx's classic welcome page size
 MIN_SHARE_OF_HAPROXY = 0.6
 MAX_ADDED_P99_MS = 2.0
-# The generator is trusted when it keeps the asked rate and sends on time: a p99 send lag
-# under 1 ms is half the added-p99 budget, and it is in the direct baseline too.
-MIN_ACHIEVED_SHARE, MAX_SEND_LAG_P99_MS = 0.99, 1.0
-PACED_KEYS = {"latency_us", "lag_us", "sent_with_warmup", "achieved_rate", "queued", "errors"}
-SLUICE = REPO / ".venv" / "bin" / "sluice"
-HERE = Path(__file__).resolve().parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass(frozen=True)
-class Throughput:
-    """One wrk run through one path."""
-
-    rps: float
-    requests: int
-    errors: int  # non-2xx/3xx responses and socket errors
-    p50_ms: float
-    p99_ms: float
-    cpu_us: float | None  # proxy CPU per request; None for direct
-
-
-@dataclass(frozen=True)
-class Paced:
-    """The open-loop runs of `http_load.py` at a fixed rate through one path, pooled."""
-
-    achieved: float  # requests sent per second
-    p50_ms: float
-    p99_ms: float
-    p999_ms: float
-    max_ms: float
-    lag_p50_ms: float  # send time - due time: the generator's own accuracy
-    lag_p99_ms: float
-    queued: int  # requests that came due while every connection was busy
-    generator_cpu_pct: float
-    timer: str
-    scheduling: str  # the generator's: "fifo" (real-time priority) or "normal"
-    errors: int
-    problem: str
-    cpu_us: float | None  # proxy CPU per request; None for direct
 
 
 # --- the policy set -------------------------------------------------------------------------
@@ -134,103 +104,7 @@ def web_policy() -> str:
     return head + "".join(f"    - {r}\n" for r in rules)
 
 
-# --- the origin and the proxies -------------------------------------------------------------
-
-NGINX_COMMON = """daemon off;
-master_process on;
-worker_processes 1;
-pid {dir}/nginx.pid;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body;
-  proxy_temp_path {dir}/proxy;
-  fastcgi_temp_path {dir}/fastcgi;
-  uwsgi_temp_path {dir}/uwsgi;
-  scgi_temp_path {dir}/scgi;
-  keepalive_requests 10000000;
-  keepalive_timeout 300s;
-{body}}}
-"""
-
-
-def nginx(tmp: Path, name: str, body: str) -> Target | None:
-    """An nginx of our own (config, pid, temp dirs under tmp/name); `@PORT@` in body is its port."""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(binary).is_file():
-        print(f"{name}: nginx not installed (make bench-deps)")
-        return None
-    work = tmp / name
-    work.mkdir()
-    port = free_port()
-    (work / "nginx.conf").write_text(
-        NGINX_COMMON.format(dir=work, body=body.replace("@PORT@", str(port)))
-    )
-    argv = [binary, "-p", f"{work}/", "-c", str(work / "nginx.conf"), "-e", str(work / "error.log")]
-    return start(name, argv, port, tmp)
-
-
-def origin(tmp: Path) -> Target | None:
-    www = tmp / "www"
-    www.mkdir()
-    page = "<!DOCTYPE html>\n<html><head><title>Welcome</title></head><body>\n<h1>Welcome</h1>\n"
-    tail = "</body></html>\n"
-    (www / "index.html").write_text(
-        page + "<p>" + "x" * (INDEX_BYTES - len(page + tail) - 8) + "</p>\n" + tail
-    )
-    assert (www / "index.html").stat().st_size == INDEX_BYTES
-    for path in (tmp, www):  # nginx's worker runs as nobody when we are root
-        path.chmod(0o755)
-    body = f"  server {{\n    listen 127.0.0.1:@PORT@;\n    root {www};\n  }}\n"
-    found = nginx(tmp, "origin", body)
-    return None if found is None else Target("direct", found.port, found.proc)
-
-
-def nginx_proxy(tmp: Path, up: int) -> Target | None:
-    body = (
-        f"  upstream origin {{ server 127.0.0.1:{up}; keepalive 64; keepalive_requests 10000000; }}\n"
-        "  server {\n    listen 127.0.0.1:@PORT@;\n    location / {\n"
-        '      proxy_pass http://origin;\n      proxy_http_version 1.1;\n      proxy_set_header Connection "";\n'
-        "    }\n  }\n"
-    )
-    return nginx(tmp, "nginx", body)
-
-
-def haproxy(tmp: Path, up: int) -> Target | None:
-    binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    if not Path(binary).is_file():
-        print("haproxy not installed (make bench-deps); its rows skipped")
-        return None
-    port = free_port()
-    cfg = tmp / "haproxy.cfg"
-    cfg.write_text(
-        "global\n  nbthread 1\n  maxconn 4096\n"
-        "defaults\n  mode http\n  option http-keep-alive\n  timeout connect 5s\n"
-        "  timeout client 5m\n  timeout server 5m\n  timeout http-keep-alive 5m\n"
-        f"listen web\n  bind 127.0.0.1:{port}\n  server web 127.0.0.1:{up}\n"
-    )
-    return start("haproxy", [binary, "-db", "-f", str(cfg)], port, tmp)
-
-
-def relay(tmp: Path, up: int) -> Target | None:
-    port = free_port()
-    argv = [sys.executable, str(HERE / "relay.py"), str(port), "127.0.0.1", str(up)]
-    return start("relay", argv, port, tmp)
-
-
-def mitmproxy(tmp: Path, up: int) -> Target | None:
-    local = REPO / ".venv-mitm" / "bin" / "mitmdump"
-    binary = str(local) if local.is_file() else shutil.which("mitmdump")
-    if binary is None:
-        print(
-            "mitmproxy: no .venv-mitm/bin/mitmdump (make mitm) nor mitmdump on PATH; "
-            "its rows skipped"
-        )
-        return None
-    port = free_port()
-    argv = [binary, "--mode", f"reverse:http://127.0.0.1:{up}", "--listen-host", "127.0.0.1"]
-    argv += ["--listen-port", str(port), "-q", "--set", f"confdir={tmp / 'mitmproxy'}"]
-    return start("mitmproxy", argv, port, tmp)
+# --- the sidecar ----------------------------------------------------------------------------
 
 
 def sidecar_missing() -> str:
@@ -247,16 +121,13 @@ def sidecar_missing() -> str:
     return ""
 
 
-def sidecar(tmp: Path, policies: Path, up: int) -> Target | None:
+def start_sidecar(tmp: Path, up: int) -> Target | None:
     missing = sidecar_missing()
     if missing:
         print(f"sidecar: {missing}; its rows skipped and its targets missed")
         return None
-    port = free_port()
-    argv = [str(SLUICE), "sidecar", "--protocol", "http", "--app", "bench", "--service", "web"]
-    argv += ["--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{up}"]
-    argv += ["--policies", str(policies), "--audit", "non-allow", "--log-level", "warning"]
-    return start("sidecar", argv, port, tmp)
+    policies = write_policy_file(tmp, web_policy())
+    return sidecar(tmp, policies, ("127.0.0.1", up), service="web", protocol="http")
 
 
 def denied_status(target: Target) -> int:
@@ -274,36 +145,11 @@ def denied_status(target: Target) -> int:
 # --- measuring ------------------------------------------------------------------------------
 
 
-def cpu_ticks(target: Target) -> int:
-    """utime + stime of the target's process and its children (nginx's worker)."""
-    if target.proc is None:
-        return 0
-    children: dict[int, list[int]] = {}
-    stats: dict[int, list[str]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            stats[int(entry.name)] = fields
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    total, todo = 0, [target.proc.pid]
-    for _ in range(1000):  # bounded walk of the tree
-        if not todo:
-            break
-        pid = todo.pop()
-        if pid in stats:
-            total += int(stats[pid][11]) + int(stats[pid][12])  # utime, stime
-        todo += children.get(pid, [])
-    return total
-
-
 def _ms(value: str, unit: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def wrk(target: Target, seconds: float, threads: int, connections: int) -> Throughput:
+def wrk(target: Target, seconds: float, threads: int, connections: int) -> Run:
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s"]
     argv += ["--latency", "--timeout", "5s", f"http://127.0.0.1:{target.port}{PATH}"]
     before = cpu_ticks(target)
@@ -315,7 +161,7 @@ def wrk(target: Target, seconds: float, threads: int, connections: int) -> Throu
     lat = dict(re.findall(r"^\s*(50|99)%\s+([\d.]+\w+)\s*$", text, re.MULTILINE))
     if out.returncode != 0 or rps is None or total is None:
         print(f"  wrk via {target.name} exited {out.returncode}: {(out.stderr or text)[-400:]}")
-        return Throughput(0.0, 0, 0, 0.0, 0.0, None)
+        return Run(0.0, 0, 0, None)
     errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", text))
     socket_errors = re.search(
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
@@ -328,177 +174,46 @@ def wrk(target: Target, seconds: float, threads: int, connections: int) -> Throu
         return _ms(*match.groups()) if match else 0.0
 
     requests = int(total.group(1))
-    return Throughput(
-        rps=float(rps.group(1)),
-        requests=requests,
-        errors=errors,
+    return Run(
+        rate=float(rps.group(1)),
+        count=requests,
+        errors=errors,  # non-2xx/3xx responses and socket errors
+        cpu_us=cpu_us(target, ticks, requests),
         p50_ms=quantile("50"),
         p99_ms=quantile("99"),
-        cpu_us=ticks / CLK_TCK * 1e6 / requests if target.name != "direct" and requests else None,
     )
 
 
 def throughput(
     targets: list[Target], seconds: float, threads: int, connections: int, repeat: int
-) -> dict[str, Throughput]:
+) -> dict[str, Run]:
     """Medians over `repeat` rounds; the order of paths rotates from one round to the next."""
-    runs: dict[str, list[Throughput]] = {t.name: [] for t in targets}
-    for target in targets:  # warm up: connections, caches, the sidecar's decisions
-        wrk(target, 1, threads, connections)
-    for r in range(repeat):
-        order = targets[r % len(targets) :] + targets[: r % len(targets)]
-        for target in order:
-            run = wrk(target, seconds, threads, connections)
-            runs[target.name].append(run)
-            print(f"  round {r + 1} {target.name:10} {run.rps:9.0f} req/s  p99 {run.p99_ms:.2f} ms")
-            flush()
-    return {name: _median(rs) for name, rs in runs.items()}
-
-
-def _median(runs: list[Throughput]) -> Throughput:
-    cpu = [r.cpu_us for r in runs if r.cpu_us is not None]
-    return Throughput(
-        rps=statistics.median(r.rps for r in runs),
-        requests=int(statistics.median(r.requests for r in runs)),
-        errors=sum(r.errors for r in runs),
-        p50_ms=statistics.median(r.p50_ms for r in runs),
-        p99_ms=statistics.median(r.p99_ms for r in runs),
-        cpu_us=statistics.median(cpu) if cpu else None,
-    )
-
-
-def paced_slice(
-    target: Target, rate: float, seconds: float, connections: int
-) -> dict[str, Any] | None:
-    """One short open-loop run of `http_load.py` through `target`, with its raw samples."""
-    argv = [sys.executable, str(HERE / "http_load.py"), f"127.0.0.1:{target.port}", "--json"]
-    argv += ["--samples", "--rate", str(rate), "--duration", str(seconds), "--warmup", "0.5"]
-    argv += ["--connections", str(connections)]
-    before = cpu_ticks(target)
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-    ticks = cpu_ticks(target) - before
-    try:
-        got: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        got = {}
-    if not isinstance(got, dict) or not got.keys() >= PACED_KEYS:
-        print(f"  http_load via {target.name} failed: {(out.stderr or out.stdout)[-400:]}")
-        return None
-    got["cpu_ticks"] = ticks
-    return got
-
-
-def fixed_load(
-    targets: list[Target], rate: float, seconds: float, connections: int, slices: int
-) -> dict[str, Paced]:
-    """Each path at `rate` for `seconds` in all, in `slices` interleaved runs (rotating
-    order), so a burst of other work on the machine lands on every path, not on one."""
-    runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
-    for r in range(slices):
-        order = targets[r % len(targets) :] + targets[: r % len(targets)]
-        for target in order:
-            got = paced_slice(target, rate, seconds / slices, connections)
-            if got is not None:
-                runs[target.name].append(got)
-        line = (
-            f"{n} p99 {percentile(rs[-1]['latency_us'] or [0], 0.99) / 1000:.2f} ms"
-            for n, rs in runs.items()
-            if rs
-        )
-        print(f"  {rate:.0f} req/s, slice {r + 1}/{slices}: " + ", ".join(line))
-        flush()
-    return {name: _pooled(name, rs) for name, rs in runs.items() if rs}
-
-
-def _pooled(name: str, runs: list[dict[str, Any]]) -> Paced:
-    latency = sorted(x for r in runs for x in r["latency_us"]) or [0]
-    lag = sorted(x for r in runs for x in r["lag_us"]) or [0]
-    sent = sum(int(r["sent_with_warmup"]) for r in runs)  # the warm-up went through it too
-    ticks = sum(int(r["cpu_ticks"]) for r in runs)
-    return Paced(
-        achieved=min(float(r["achieved_rate"]) for r in runs),
-        p50_ms=percentile(latency, 0.5) / 1000,
-        p99_ms=percentile(latency, 0.99) / 1000,
-        p999_ms=percentile(latency, 0.999) / 1000,
-        max_ms=latency[-1] / 1000,
-        lag_p50_ms=percentile(lag, 0.5) / 1000,
-        lag_p99_ms=percentile(lag, 0.99) / 1000,
-        queued=sum(int(r["queued"]) for r in runs),
-        generator_cpu_pct=max(float(r["generator_cpu_pct"]) for r in runs),
-        timer=str(runs[0]["timer"]),
-        scheduling=str(runs[0]["scheduling"]),
-        errors=sum(int(r["errors"]) for r in runs),
-        problem="; ".join(sorted({str(r["problem"]) for r in runs if r["problem"]})),
-        cpu_us=ticks / CLK_TCK * 1e6 / sent if name != "direct" and sent else None,
-    )
+    return measure(
+        targets,
+        ("wrk",),
+        repeat,
+        lambda target, _, __: wrk(target, seconds, threads, connections),
+        warm_up=lambda target: wrk(target, 1, threads, connections),
+        progress=lambda _, target, run: (
+            f"{target.name:10} {run.rate:9.0f} req/s  p99 {run.p99_ms:.2f} ms"
+        ),
+    )["wrk"]
 
 
 # --- the report -----------------------------------------------------------------------------
 
 
-def report_throughput(results: dict[str, Throughput], threads: int, connections: int) -> None:
-    direct, peer = results["direct"], results.get("haproxy")
-    rows = [
-        (
-            name,
-            f"{run.rps:.0f}",
-            f"{run.rps / direct.rps:.2f}" if direct.rps else "-",
-            f"{run.rps / peer.rps:.2f}" if peer and peer.rps else "-",
-            f"{run.p50_ms:.3f}",
-            f"{run.p99_ms:.3f}",
-            f"{run.cpu_us:.1f}" if run.cpu_us is not None else "-",
-            run.errors,
-        )
-        for name, run in results.items()
+def report_throughput(results: dict[str, Run], threads: int, connections: int) -> None:
+    columns = [
+        ("p50 ms", lambda run: f"{run.p50_ms:.3f}"),
+        ("p99 ms", lambda run: f"{run.p99_ms:.3f}"),
     ]
     print(f"\nwrk -t{threads} -c{connections} GET {PATH} ({INDEX_BYTES} bytes), nginx origin\n")
-    headers = ("path", "req/s", "x direct", "x haproxy", "p50 ms", "p99 ms", "CPU µs/req")
-    print(table((*headers, "errors"), rows))
-
-
-def report_latency(results: dict[str, Paced], rate: float) -> bool:
-    """Print the fixed-load table and the generator's accuracy; True if it paced well."""
-    base = results["direct"]
-    rows = [
-        (
-            name,
-            f"{r.achieved:.0f}",
-            f"{r.p50_ms:.3f}",
-            f"{r.p99_ms:.3f}",
-            f"{r.p999_ms:.3f}",
-            f"{r.max_ms:.2f}",
-            f"{r.p99_ms - base.p99_ms:+.3f}",
-            f"{r.lag_p99_ms:.3f}",
-            r.queued,
-            f"{r.cpu_us:.1f}" if r.cpu_us is not None else "-",
-            r.errors,
-        )
-        for name, r in results.items()
-    ]
-    print(f"\nopen loop at {rate:.0f} req/s (http_load.py; latency from the due time)\n")
-    headers = ("path", "sent/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "+p99 ms")
-    print(table((*headers, "lag p99 ms", "queued", "CPU µs/req", "errors"), rows))
-    for name, r in results.items():
-        if r.problem:
-            print(f"  {name}: {r.problem}")
-    print(
-        f"generator (direct run): {base.achieved:.0f} of {rate:.0f} req/s sent, send lag p50 "
-        f"{base.lag_p50_ms:.3f} ms p99 {base.lag_p99_ms:.3f} ms, "
-        f"{base.generator_cpu_pct:.0f}% of a core, timer: {base.timer}, scheduling: "
-        f"{base.scheduling}"
-    )
-    accurate = base.achieved >= MIN_ACHIEVED_SHARE * rate and base.lag_p99_ms <= MAX_SEND_LAG_P99_MS
-    if not accurate:
-        print(
-            "  WARNING: Python could not pace this rate accurately on this machine (wanted "
-            f">= {MIN_ACHIEVED_SHARE:.0%} of the rate and send lag p99 <= {MAX_SEND_LAG_P99_MS} "
-            "ms); the latencies above include the generator's own delay"
-        )
-    return accurate
+    print(comparison(results, "haproxy", "req/s", columns, cpu="CPU µs/req"))
 
 
 def verdicts(
-    tput: dict[str, Throughput],
+    tput: dict[str, Run],
     lat: dict[str, Paced],
     rate: float,
     denied: int | None,
@@ -512,11 +227,11 @@ def verdicts(
     if side is None:
         return check("sidecar ran", False, "it did not start (see above)")
     ok = True
-    if peer is None or not peer.rps:
+    if peer is None or not peer.rate:
         ok = check(f"req/s >= {MIN_SHARE_OF_HAPROXY}x haproxy", False, "haproxy did not run")
     else:
-        share = side.rps / peer.rps
-        detail = f"{share:.2f}x ({side.rps:.0f} vs {peer.rps:.0f})"
+        share = side.rate / peer.rate
+        detail = f"{share:.2f}x ({side.rate:.0f} vs {peer.rate:.0f})"
         ok = check(
             f"req/s >= {MIN_SHARE_OF_HAPROXY}x haproxy", share >= MIN_SHARE_OF_HAPROXY, detail
         )
@@ -561,51 +276,37 @@ def main() -> int:
         parser.error("--repeat 1..20, --latency-slices 1..50")
     if min(args.duration, args.rate, args.latency_duration) <= 0:
         parser.error("--duration, --rate and --latency-duration > 0")
-    for tool in ("wrk", "nginx"):
-        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").is_file():
-            print(f"{tool} not found (make bench-deps: nginx-light, wrk); skipped")
-            return 0
+    if tool_missing(("wrk", "nginx"), " (make bench-deps: nginx-light, wrk)"):
+        return 0
     # Ctrl-C raises KeyboardInterrupt; make SIGTERM unwind through the same finally blocks.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    load = os.getloadavg()
-    print(f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     targets: list[Target] = []
     denied: int | None = None
-    with tempfile.TemporaryDirectory(prefix="sluice-http-bench-") as name:
-        tmp = Path(name)
-        try:
-            base = origin(tmp)
-            if base is None:
-                return 1
-            targets.append(base)
-            up = base.port
-            makers = {
-                "haproxy": lambda: haproxy(tmp, up),
-                "nginx": lambda: nginx_proxy(tmp, up),
-                "relay": lambda: relay(tmp, up),
-                "mitmproxy": lambda: mitmproxy(tmp, up),
-                "sidecar": lambda: sidecar(tmp, write_policy_file(tmp, web_policy(), SLUICE), up),
-            }
-            for mode in MODES[1:]:
-                made = makers[mode]() if mode in modes else None
-                if made is not None:
-                    targets.append(made)
-            for target in targets:
-                if target.name == "sidecar":
-                    denied = denied_status(target)
-                    print(f"sidecar: GET /admin/users -> {denied} (403 expected: rule no-admin)")
-            flush()
-            tput = throughput(targets, args.duration, args.threads, args.connections, args.repeat)
-            paced = [t for t in targets if t.name in latency_modes]
-            lat = fixed_load(
-                paced, args.rate, args.latency_duration, args.connections, args.latency_slices
-            )
-        finally:
-            for target in reversed(targets):
-                stop(target)
-    load = os.getloadavg()
-    print(f"load average after the runs {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    with proxy_run("sluice-http-bench-", targets) as tmp:
+        base = origin(tmp)
+        if base is None:
+            return 1
+        targets.append(base)
+        makers = {
+            "haproxy": haproxy_http,
+            "nginx": nginx_proxy,
+            "relay": lambda tmp, up: relay(tmp, ("127.0.0.1", up)),
+            "mitmproxy": mitmproxy,
+            "sidecar": start_sidecar,
+        }
+        for mode in MODES[1:]:  # each in `targets` as soon as it runs, to be stopped
+            targets += started(makers[mode](tmp, base.port) if mode in modes else None)
+        for target in targets:
+            if target.name == "sidecar":
+                denied = denied_status(target)
+                print(f"sidecar: GET /admin/users -> {denied} (403 expected: rule no-admin)")
+        flush()
+        tput = throughput(targets, args.duration, args.threads, args.connections, args.repeat)
+        paced = [t for t in targets if t.name in latency_modes]
+        lat = fixed_load(
+            paced, args.rate, args.latency_duration, args.connections, args.latency_slices
+        )
     report_throughput(tput, args.threads, args.connections)
     if "direct" in lat:
         report_latency(lat, args.rate)

@@ -30,22 +30,40 @@ is compared with what it replaces under the same machine load.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import re
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import REPO, check, flush, guard_policy, percentile, table, write_policy_file
+from common import (
+    Run,
+    Target,
+    check,
+    comparison,
+    cpu_ticks,
+    cpu_us,
+    flush,
+    free_port,
+    guard_policy,
+    haproxy,
+    measure,
+    number,
+    percentile,
+    proxy_run,
+    relay,
+    sidecar,
+    sidecar_vs,
+    start,
+    started,
+    tool_missing,
+    write_policy_file,
+)
 
 PG_HOST, PG_PORT, PG_USER, DB = "127.0.0.1", 5432, "postgres", "sluice_bench"
+UPSTREAM = (PG_HOST, PG_PORT)
 CLIENTS, THREADS, SCALE = 8, 2, 10
 MODES = ("simple", "extended", "prepared")
 # mode -> (minimum tps as a fraction of the relay's, maximum sidecar CPU µs per transaction)
@@ -54,17 +72,14 @@ MAX_ADDED_P99_MS = 1.0
 # Logging one transaction in ten keeps pgbench's own writes off the two cores we measure
 # on, and still leaves tens of thousands of samples for a p99.
 LOG_SAMPLING = 0.1
-SIDECAR = REPO / ".venv" / "bin" / "sluice"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass(frozen=True)
-class Target:
-    """Somewhere pgbench can connect: PostgreSQL itself or a proxy we started."""
-
-    name: str
-    port: int
-    proc: subprocess.Popen[bytes] | None = None
+# The guard the sidecar enforces: 24 rules, none denying the benchmark's statements.
+POLICY = guard_policy(
+    "orders-db-bench",
+    bench_tables="pgbench_*",
+    dry_run_table="pgbench_history",
+    audit_verb="COPY",
+    write_verbs="INSERT, UPDATE, DELETE, MERGE",
+)
 
 
 @dataclass(frozen=True)
@@ -79,30 +94,6 @@ class Amount:
         if self.transactions is not None:
             return ["-t", str(self.transactions)]
         return ["-T", str(int(self.seconds))]
-
-
-@dataclass(frozen=True)
-class Run:
-    tps: float
-    txns: int
-    failed: int
-    p50_ms: float
-    p99_ms: float
-    cpu_us: float | None  # proxy CPU per transaction; None for direct
-
-
-# --- the policy set -------------------------------------------------------------------------
-
-
-def write_policies(tmp: Path) -> Path:
-    text = guard_policy(
-        "orders-db-bench",
-        bench_tables="pgbench_*",
-        dry_run_table="pgbench_history",
-        audit_verb="COPY",
-        write_verbs="INSERT, UPDATE, DELETE, MERGE",
-    )
-    return write_policy_file(tmp, text, SIDECAR)
 
 
 # --- database and processes -----------------------------------------------------------------
@@ -122,59 +113,6 @@ def create_db() -> None:
 
 def drop_db() -> None:
     psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(
-    name: str, argv: Sequence[str], port: int, tmp: Path, env: dict[str, str] | None = None
-) -> Target | None:
-    """Start a proxy and wait until it accepts connections; None (and why) if it cannot."""
-    err = open(tmp / f"{name}.stderr", "wb")  # noqa: SIM115 - lives as long as the process
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp, env=env)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return Target(name, port, proc)
-        except OSError:
-            time.sleep(0.1)
-    stop(Target(name, port, proc))
-    detail = (tmp / f"{name}.stderr").read_text(errors="replace").strip()
-    print(f"{name}: did not start ({detail[-300:] or 'no output'}); its rows skipped")
-    return None
-
-
-def stop(target: Target) -> None:
-    if target.proc is None or target.proc.poll() is not None:
-        return
-    target.proc.terminate()
-    try:
-        target.proc.wait(5)
-    except subprocess.TimeoutExpired:
-        target.proc.kill()
-        target.proc.wait()
-
-
-def haproxy(tmp: Path) -> Target | None:
-    binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    if not Path(binary).is_file():
-        print("haproxy not installed (make bench-deps); its rows skipped")
-        return None
-    port = free_port()
-    cfg = tmp / "haproxy.cfg"
-    cfg.write_text(
-        "global\n  nbthread 1\n  maxconn 256\n"
-        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n"
-        f"listen pg\n  bind 127.0.0.1:{port}\n  server pg {PG_HOST}:{PG_PORT}\n"
-    )
-    return start("haproxy", [binary, "-db", "-f", str(cfg)], port, tmp)
 
 
 def pgbouncer(tmp: Path) -> Target | None:
@@ -199,30 +137,17 @@ def pgbouncer(tmp: Path) -> Target | None:
     return start("pgbouncer", argv, port, tmp)
 
 
-def relay(tmp: Path) -> Target | None:
-    port = free_port()
-    argv = [sys.executable, str(Path(__file__).with_name("relay.py")), str(port), PG_HOST]
-    return start("relay", [*argv, str(PG_PORT)], port, tmp)
-
-
-def sidecar(
-    tmp: Path, policies: Path, audit_all: bool, source: Path | None = None
-) -> Target | None:
-    """The sidecar; with `source`, run from that copy of the source tree ("sidecar base")."""
-    port = free_port()
-    name = "sidecar audit=all" if audit_all else "sidecar"
-    env = None
-    if source is not None:
-        name = "sidecar base"
-        env = {**os.environ, "PYTHONPATH": str(source)}
-    argv = [str(SIDECAR), "sidecar", "--app", "bench", "--service", "orders-db"]
-    argv += ["--listen", f"127.0.0.1:{port}", "--upstream", f"{PG_HOST}:{PG_PORT}"]
-    argv += ["--policies", str(policies), "--log-level", "warning"]
+def sidecars(tmp: Path, policies: Path, audit_all: bool, baseline: Path | None) -> list[Target]:
+    """The sidecar; with `audit_all`, once more auditing every decision ("sidecar
+    audit=all"); with `baseline`, once more from that copy of the source tree ("sidecar
+    base")."""
+    one = functools.partial(sidecar, tmp, policies, UPSTREAM, service="orders-db")
+    made = [one()]
     if audit_all:
-        argv += ["--audit", "all", "--audit-log", str(tmp / "audit.jsonl")]
-    else:
-        argv += ["--audit", "non-allow"]
-    return start(name, argv, port, tmp, env)
+        made.append(one(name="sidecar audit=all", audit="all", audit_log=True))
+    if baseline is not None:
+        made.append(one(name="sidecar base", env={**os.environ, "PYTHONPATH": str(baseline)}))
+    return started(*made)
 
 
 def check_policy_active(target: Target) -> None:
@@ -237,13 +162,6 @@ def check_policy_active(target: Target) -> None:
 # --- one pgbench run ------------------------------------------------------------------------
 
 
-def cpu_ticks(target: Target) -> int:
-    if target.proc is None:
-        return 0
-    fields = Path(f"/proc/{target.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-
-
 def pgbench(target: Target, mode: str, amount: Amount, logdir: Path | None) -> Run:
     argv = ["pgbench", "-h", "127.0.0.1", "-p", str(target.port), "-U", PG_USER, "-n", "-S"]
     argv += ["-M", mode, "-c", str(CLIENTS), "-j", str(THREADS), *amount.argv()]
@@ -253,24 +171,19 @@ def pgbench(target: Target, mode: str, amount: Amount, logdir: Path | None) -> R
     before = cpu_ticks(target)
     out = subprocess.run([*argv, DB], capture_output=True, text=True, check=False)
     ticks = cpu_ticks(target) - before
-    txns = _number(r"actually processed: (\d+)", out.stdout)
+    txns = int(number(r"actually processed: (\d+)", out.stdout))
     if out.returncode != 0 or not txns:
         print(f"  pgbench -M {mode} via {target.name} exited {out.returncode}:")
         print("  " + (out.stderr.strip() or out.stdout.strip())[-600:].replace("\n", "\n  "))
     latencies = _latencies(logdir) if logdir is not None else [0.0]
     return Run(
-        tps=_number(r"tps = ([\d.]+)", out.stdout),
-        txns=int(txns),
-        failed=int(_number(r"failed transactions: (\d+)", out.stdout)),
+        rate=number(r"tps = ([\d.]+)", out.stdout),
+        count=txns,
+        errors=int(number(r"failed transactions: (\d+)", out.stdout)),
+        cpu_us=cpu_us(target, ticks, txns),
         p50_ms=percentile(latencies, 0.5) / 1000,
         p99_ms=percentile(latencies, 0.99) / 1000,
-        cpu_us=ticks / CLK_TCK * 1e6 / txns if target.proc is not None and txns else None,
     )
-
-
-def _number(pattern: str, text: str) -> float:
-    match = re.search(pattern, text)
-    return float(match.group(1)) if match else 0.0
 
 
 def _latencies(logdir: Path) -> list[float]:
@@ -287,83 +200,59 @@ def _latencies(logdir: Path) -> list[float]:
 # --- the whole run and its report -----------------------------------------------------------
 
 
-def measure(
+def measure_modes(
     targets: list[Target], amount: Amount, repeat: int, tmp: Path, modes: tuple[str, ...]
-) -> dict[str, dict[str, list[Run]]]:
-    """mode -> target name -> runs; the order of targets rotates from one run to the next."""
-    runs: dict[str, dict[str, list[Run]]] = {m: {t.name: [] for t in targets} for m in modes}
-    for target in targets:  # warm up: connections, caches, the sidecar's decisions
-        pgbench(target, "simple", Amount(2), None)
-    turn = 0
-    for r in range(repeat):
-        for mode in modes:
-            order = targets[turn % len(targets) :] + targets[: turn % len(targets)]
-            turn += 1
-            for target in order:
-                logdir = tmp / "logs" / f"{r}-{mode}-{target.name.replace(' ', '_')}"
-                run = pgbench(target, mode, amount, logdir)
-                shutil.rmtree(logdir)
-                runs[mode][target.name].append(run)
-                print(f"  round {r + 1} -M {mode:8} {target.name:18} {run.tps:9.0f} tps")
-                flush()
-    return runs
+) -> dict[str, dict[str, Run]]:
+    """mode -> target name -> median run; each run's latency log is read, then deleted."""
 
+    def run(target: Target, mode: str, r: int) -> Run:
+        logdir = tmp / "logs" / f"{r}-{mode}-{target.name.replace(' ', '_')}"
+        got = pgbench(target, mode, amount, logdir)
+        shutil.rmtree(logdir)
+        return got
 
-def median(runs: list[Run]) -> Run:
-    cpu = [r.cpu_us for r in runs if r.cpu_us is not None]
-    return Run(
-        tps=statistics.median(r.tps for r in runs),
-        txns=int(statistics.median(r.txns for r in runs)),
-        failed=sum(r.failed for r in runs),
-        p50_ms=statistics.median(r.p50_ms for r in runs),
-        p99_ms=statistics.median(r.p99_ms for r in runs),
-        cpu_us=statistics.median(cpu) if cpu else None,
+    return measure(
+        targets,
+        modes,
+        repeat,
+        run,
+        warm_up=lambda target: pgbench(target, "simple", Amount(2), None),
+        progress=lambda mode, target, got: f"-M {mode:8} {target.name:18} {got.rate:9.0f} tps",
     )
 
 
 def report(mode: str, results: dict[str, Run]) -> None:
-    direct, ceiling = results["direct"], results.get("relay")
-    rows = []
-    for name, run in results.items():
-        rows.append(
-            (
-                name,
-                f"{run.tps:.0f}",
-                f"{run.tps / direct.tps:.2f}" if direct.tps else "-",
-                f"{run.tps / ceiling.tps:.2f}" if ceiling and ceiling.tps else "-",
-                f"{run.p50_ms:.3f}",
-                f"{run.p99_ms:.3f}",
-                f"{run.p50_ms - direct.p50_ms:+.3f}",
-                f"{run.p99_ms - direct.p99_ms:+.3f}",
-                f"{run.cpu_us:.1f}" if run.cpu_us is not None else "-",
-                run.failed,
-            )
-        )
-    headers = ("path", "tps", "x direct", "x relay", "p50 ms", "p99 ms", "+p50 ms", "+p99 ms")
+    direct = results["direct"]
+    columns = [
+        ("p50 ms", lambda run: f"{run.p50_ms:.3f}"),
+        ("p99 ms", lambda run: f"{run.p99_ms:.3f}"),
+        ("+p50 ms", lambda run: f"{run.p50_ms - direct.p50_ms:+.3f}"),
+        ("+p99 ms", lambda run: f"{run.p99_ms - direct.p99_ms:+.3f}"),
+    ]
     print(f"\npgbench -S -M {mode}, {CLIENTS} clients, {THREADS} threads\n")
-    print(table((*headers, "CPU µs/txn", "failed"), rows))
+    print(comparison(results, "relay", "tps", columns, cpu="CPU µs/txn", errors="failed"))
 
 
 def verdicts(medians: dict[str, dict[str, Run]]) -> bool:
     print("\nTargets (sidecar; audit non-allow):")
     ok = True
-    for mode in medians:
-        results = medians[mode]
-        side, ceiling, direct = results.get("sidecar"), results.get("relay"), results["direct"]
-        if side is None or ceiling is None or not ceiling.tps:
+    for mode, results in medians.items():
+        pair = sidecar_vs(results, "relay")
+        if pair is None:
             ok = check(f"-M {mode}", False, "sidecar or relay did not run") and ok
             continue
+        side, ceiling = pair
         share, budget = TARGETS[mode]
-        ratio = side.tps / ceiling.tps
+        ratio = side.rate / ceiling.rate
         cpu = side.cpu_us if side.cpu_us is not None else float("inf")
-        added = side.p99_ms - direct.p99_ms
+        added = side.p99_ms - results["direct"].p99_ms
         ok = check(f"-M {mode} tps >= {share}x relay", ratio >= share, f"{ratio:.2f}x") and ok
         ok = check(f"-M {mode} CPU <= {budget:.0f} µs/txn", cpu <= budget, f"{cpu:.1f} µs") and ok
         ok = (
             check(f"-M {mode} added p99 < 1 ms", added < MAX_ADDED_P99_MS, f"{added:+.3f} ms")
             and ok
         )
-        ok = check(f"-M {mode} no failed transactions", side.failed == 0, str(side.failed)) and ok
+        ok = check(f"-M {mode} no failed transactions", side.errors == 0, str(side.errors)) and ok
     return ok
 
 
@@ -391,47 +280,25 @@ def main() -> int:
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - set(MODES):
         parser.error(f"--modes: choose from {', '.join(MODES)}")
-    for tool in ("pgbench", "psql"):
-        if shutil.which(tool) is None:
-            print(f"{tool} not found (postgresql-client); skipped")
-            return 0
+    if tool_missing(("pgbench", "psql"), " (postgresql-client)"):
+        return 0
     if psql("SELECT 1").returncode != 0:
         print(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT} as {PG_USER}; skipped")
         return 0
 
-    load = os.getloadavg()
-    print(f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    with tempfile.TemporaryDirectory(prefix="sluice-pgbench-") as name:
-        tmp = Path(name)
-        policies = write_policies(tmp)
-        targets = [Target("direct", PG_PORT)]
-        try:
-            create_db()
-            for made in (
-                haproxy(tmp),
-                pgbouncer(tmp),
-                relay(tmp),
-                sidecar(tmp, policies, audit_all=False),
-                None if args.no_audit_all else sidecar(tmp, policies, audit_all=True),
-                None
-                if args.baseline is None
-                else sidecar(tmp, policies, audit_all=False, source=args.baseline.resolve()),
-            ):
-                if made is not None:
-                    targets.append(made)
-            for target in targets:
-                if target.name.startswith("sidecar"):
-                    check_policy_active(target)
-            flush()
-            amount = Amount(args.duration, args.transactions)
-            runs = measure(targets, amount, args.repeat, tmp, modes)
-        finally:
-            for target in targets:
-                stop(target)
-            drop_db()
-    load = os.getloadavg()
-    print(f"load average after the runs {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    medians = {m: {n: median(rs) for n, rs in runs[m].items()} for m in modes}
+    targets = [Target("direct", PG_PORT)]
+    with proxy_run("sluice-pgbench-", targets, cleanup=drop_db) as tmp:
+        policies = write_policy_file(tmp, POLICY)
+        create_db()
+        targets += started(haproxy(tmp, UPSTREAM), pgbouncer(tmp), relay(tmp, UPSTREAM))
+        baseline = None if args.baseline is None else args.baseline.resolve()
+        targets += sidecars(tmp, policies, not args.no_audit_all, baseline)
+        for target in targets:
+            if target.name.startswith("sidecar"):
+                check_policy_active(target)
+        flush()
+        amount = Amount(args.duration, args.transactions)
+        medians = measure_modes(targets, amount, args.repeat, tmp, modes)
     for mode in modes:
         report(mode, medians[mode])
     return 0 if verdicts(medians) else 1

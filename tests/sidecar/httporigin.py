@@ -1,7 +1,8 @@
 """Real HTTP servers for the HTTP sidecar tests: nginx (Debian's, with a config of our own)
 and a Python origin on the standard library's HTTP/1.1 server for what nginx cannot show
 (the request exactly as it arrived, chunked and close-delimited responses, an upgrade, an
-origin that drops idle keep-alive connections)."""
+origin that drops idle keep-alive connections). The origin's handler is a parameter: the
+mitmproxy tests' origin (mitmservers.py) answers WebSocket upgrades with an echo."""
 
 from __future__ import annotations
 
@@ -24,9 +25,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 10.0) -> None:
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15) -> None:
+    """Wait until something listens on the port; fail at once if `proc` exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the process exited ({proc.returncode}) before listening")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -34,17 +38,39 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-class Nginx:
-    """nginx serving `root` on a free loopback port, its own config, pid and temp dirs."""
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
-    def __init__(self, workdir: Path) -> None:
+
+class Nginx:
+    """nginx on a free loopback port, with its own config, pid, error log and temp dirs in
+    `workdir`, serving `pages` (path under the root: content) from workdir/www. `listen`
+    adds options to its listen directive, `server` and `http` directives to those blocks."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        pages: dict[str, bytes] | None = None,
+        *,
+        listen: str = "",
+        server: str = 'location /echo-status { return 201 "created\\n"; }',
+        http: str = "keepalive_requests 100000;",
+        connections: int = 1024,
+    ) -> None:
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         self.port = free_port()
         self.root = workdir / "www"
-        self.root.mkdir(parents=True)
-        (self.root / "index.html").write_bytes(INDEX)
-        (self.root / "admin").mkdir()
-        (self.root / "admin" / "index.html").write_bytes(b"secret admin page\n")
+        if pages is None:
+            pages = {"index.html": INDEX, "admin/index.html": b"secret admin page\n"}
+        for name, content in pages.items():
+            (self.root / name).parent.mkdir(parents=True, exist_ok=True)
+            (self.root / name).write_bytes(content)
         conf = workdir / "nginx.conf"
         # As root, nginx's workers run as nobody, who cannot read pytest's private temp dirs.
         user = "user root;" if os.geteuid() == 0 else ""
@@ -55,7 +81,7 @@ class Nginx:
             daemon off;
             pid {workdir}/nginx.pid;
             error_log {workdir}/error.log warn;
-            events {{ worker_connections 1024; }}
+            events {{ worker_connections {connections}; }}
             http {{
                 access_log off;
                 client_body_temp_path {workdir}/body;
@@ -63,11 +89,11 @@ class Nginx:
                 fastcgi_temp_path {workdir}/fastcgi;
                 uwsgi_temp_path {workdir}/uwsgi;
                 scgi_temp_path {workdir}/scgi;
-                keepalive_requests 100000;
+                {http}
                 server {{
-                    listen 127.0.0.1:{self.port};
+                    listen 127.0.0.1:{self.port} {listen};
                     root {self.root};
-                    location /echo-status {{ return 201 "created\\n"; }}
+                    {server}
                 }}
             }}
             """
@@ -78,24 +104,20 @@ class Nginx:
             stderr=subprocess.DEVNULL,
         )
         try:
-            wait_port(self.port)
-        except RuntimeError:
+            wait_port(self.port, self.proc)
+        except RuntimeError as exc:
             self.stop()
-            raise
+            raise RuntimeError(f"nginx: {exc}") from None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop(self.proc)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class EchoHandler(BaseHTTPRequestHandler):
+    """Records every request in `server.seen` and answers with it, as it saw it (JSON);
+    subclasses answer some requests otherwise by overriding `respond`."""
+
     protocol_version = "HTTP/1.1"
-    timeout = 0.5  # an idle keep-alive connection is dropped after this (no Connection: close)
     server: OriginServer
 
     def log_message(self, format: str, *args: object) -> None:  # quiet
@@ -117,7 +139,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = self._body()
-        seen = {
+        seen: dict[str, object] = {
             "method": self.command,
             "target": self.path,
             "version": self.request_version,
@@ -125,6 +147,27 @@ class _Handler(BaseHTTPRequestHandler):
             "body": body.decode("latin-1"),
         }
         self.server.seen.append(seen)
+        self.respond(seen)
+
+    def respond(self, seen: dict[str, object]) -> None:
+        payload = json.dumps(seen).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = _handle
+
+
+class _Handler(EchoHandler):
+    """What nginx cannot show: chunked and close-delimited responses, an upgrade, a slow
+    answer, and idle keep-alive connections dropped."""
+
+    timeout = 0.5  # an idle keep-alive connection is dropped after this (no Connection: close)
+
+    def respond(self, seen: dict[str, object]) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/chunked":
             self.send_response(200)
@@ -160,28 +203,26 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if path.startswith("/slow"):
             time.sleep(0.3)
-        payload = json.dumps(seen).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = _handle
+        super().respond(seen)
 
 
 class OriginServer(ThreadingHTTPServer):
-    """The Python origin: answers every request with the request as it saw it (JSON)."""
+    """The Python origin on a free loopback port, serving in a thread of its own: answers
+    every request with the request as it saw it (JSON), save what `handler` answers
+    otherwise."""
 
     daemon_threads = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, handler: type[EchoHandler] = _Handler) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
         self.seen: list[dict[str, object]] = []
         self.port = int(self.server_address[1])
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
         self.thread.start()
+
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, target) of every request seen, in order."""
+        return [(str(s["method"]), str(s["target"])) for s in self.seen]
 
     def stop(self) -> None:
         self.shutdown()

@@ -1,6 +1,7 @@
 """Real processes for the mitmproxy addon tests: `mitmdump` from .venv-mitm with the addon
-loaded, a Python origin that also speaks WebSocket (echo), nginx over TLS with HTTP/2, and
-a WebSocket client on a raw socket (so no client library is needed in either venv)."""
+loaded, a handler that makes httporigin's Python origin speak WebSocket too (echo), nginx
+over TLS with HTTP/2, and a WebSocket client on a raw socket (so no client library is
+needed in either venv)."""
 
 from __future__ import annotations
 
@@ -8,46 +9,17 @@ import base64
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from tests.sidecar.httporigin import EchoHandler, Nginx, free_port, stop, wait_port
 
 REPO = Path(__file__).resolve().parents[2]
 MITMDUMP = REPO / ".venv-mitm" / "bin" / "mitmdump"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the process exited ({proc.returncode}) before listening")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 class Mitmdump:
@@ -104,7 +76,7 @@ class Mitmdump:
         stop(self.proc)
 
 
-# The Python origin: HTTP/1.1 that answers with the request as it saw it, and WebSocket echo.
+# WebSocket frames, and the Python origin's WebSocket echo (httporigin's origin, this handler).
 
 
 def ws_frame(payload: bytes, opcode: int = 1, mask: bool = True) -> bytes:
@@ -136,30 +108,13 @@ def ws_accept(key: str) -> str:
     return base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest()).decode()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: Origin
+class WebSocketEchoHandler(EchoHandler):
+    """httporigin's echo, and a WebSocket echo ("echo:" + each frame) on an upgrade."""
 
-    def log_message(self, format: str, *args: object) -> None:  # quiet
-        pass
-
-    def _handle(self) -> None:
-        length = int(self.headers.get("Content-Length", "0"))
-        body = self.rfile.read(length) if length else b""
-        self.server.seen.append((self.command, self.path))
-        if self.headers.get("Upgrade", "").lower() == "websocket":
-            self._websocket()
+    def respond(self, seen: dict[str, object]) -> None:
+        if self.headers.get("Upgrade", "").lower() != "websocket":
+            super().respond(seen)
             return
-        payload = json.dumps(
-            {"method": self.command, "target": self.path, "body": body.decode("latin-1")}
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def _websocket(self) -> None:
         self.send_response(101)
         self.send_header("Upgrade", "websocket")
         self.send_header("Connection", "Upgrade")
@@ -183,23 +138,6 @@ class _Handler(BaseHTTPRequestHandler):
         if len(data) < n:
             raise ValueError("the peer closed")
         return data
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
-
-
-class Origin(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.seen: list[tuple[str, str]] = []
-        self.port = int(self.server_address[1])
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
 
 
 class WebSocketClient:
@@ -252,14 +190,12 @@ class WebSocketClient:
 # nginx over TLS with HTTP/2: what an external HTTPS service looks like to the proxy.
 
 
-class TlsNginx:
+class TlsNginx(Nginx):
     """nginx on a free loopback port over TLS (self-signed, made here with openssl) with
     HTTP/2 and HTTP/1.1; `/echo` answers with the method, target and protocol it saw."""
 
     def __init__(self, workdir: Path) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        self.port = free_port()
         cert, key = workdir / "cert.pem", workdir / "key.pem"
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -267,51 +203,17 @@ class TlsNginx:
              "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
             check=True, capture_output=True,
         )  # fmt: skip
-        root = workdir / "www"
-        (root / "admin").mkdir(parents=True)
-        (root / "index.html").write_bytes(b"external service\n")
-        (root / "admin" / "index.html").write_bytes(b"secret\n")
-        conf = workdir / "nginx.conf"
-        # As root, nginx's workers run as nobody, who cannot read pytest's private temp dirs.
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf.write_text(
-            f"""
-            {user}
-            worker_processes 1;
-            daemon off;
-            pid {workdir}/nginx.pid;
-            error_log {workdir}/error.log warn;
-            events {{ worker_connections 256; }}
-            http {{
-                access_log off;
-                default_type text/plain;
-                client_body_temp_path {workdir}/body;
-                proxy_temp_path {workdir}/proxy;
-                fastcgi_temp_path {workdir}/fastcgi;
-                uwsgi_temp_path {workdir}/uwsgi;
-                scgi_temp_path {workdir}/scgi;
-                server {{
-                    listen 127.0.0.1:{self.port} ssl http2;
-                    ssl_certificate {cert};
-                    ssl_certificate_key {key};
-                    root {root};
-                    location /echo {{
-                        return 200 "$request_method $request_uri $server_protocol\\n";
-                    }}
+        super().__init__(
+            workdir,
+            {"index.html": b"external service\n", "admin/index.html": b"secret\n"},
+            listen="ssl http2",
+            server=f"""
+                ssl_certificate {cert};
+                ssl_certificate_key {key};
+                location /echo {{
+                    return 200 "$request_method $request_uri $server_protocol\\n";
                 }}
-            }}
-            """
+            """,
+            http="default_type text/plain;",
+            connections=256,
         )
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(conf), "-p", str(workdir)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_port(self.port, self.proc)
-        except RuntimeError as exc:
-            stop(self.proc)
-            raise RuntimeError(f"nginx: {exc}") from None
-
-    def stop(self) -> None:
-        stop(self.proc)

@@ -8,7 +8,6 @@ import re
 import shutil
 import socket
 import subprocess
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -20,45 +19,20 @@ import pytest
 from sidecar.config import HttpTimeouts, Route, SidecarConfig, load_config
 from tests.sidecar.conftest import RunningSidecar
 from tests.sidecar.httporigin import INDEX, Nginx, OriginServer
+from tests.sidecar.webguard import add_rules, web_guard
 
-WEB_POLICY = textwrap.dedent(
-    """\
-    apiVersion: sluice/v1
-    kind: Policy
-    metadata: {name: web-guard}
-    spec:
-      destination: web
-      rules:
-        - name: no-admin
-          http: {paths: ["/admin/**"]}
-          action: deny
-          message: admin is off limits
-        - name: reporting-read-only
-          from: [reporting]
-          http: {methods: [POST, PUT, PATCH, DELETE]}
-          action: deny
-        - name: no-debug-header
-          http: {headers: {x-debug: ["1", "true"]}}
-          action: deny
-        - name: post-budget
-          http: {methods: [POST], paths: ["/orders"]}
-          action: limit
-          limit: {rate: 2, per: 1s, burst: 2}
-          message: slow down
-        - name: paced
-          http: {methods: [PUT], paths: ["/paced"]}
-          action: limit
-          limit: {rate: 5, per: 1s, burst: 1}
-          on_exceed: delay
-          max_delay: 2s
-        - name: shadow-delete
-          http: {methods: [DELETE]}
-          action: deny
-          enforce: false
-        - name: no-ws
-          http: {paths: ["/ws-denied"]}
-          action: deny
-    """
+WEB_POLICY = web_guard(
+    post_budget="{rate: 2, per: 1s, burst: 2}",
+    paced="{rate: 5, per: 1s, burst: 1}",
+    rules="""\
+    - name: reporting-read-only
+      from: [reporting]
+      http: {methods: [POST, PUT, PATCH, DELETE]}
+      action: deny
+    - name: no-ws
+      http: {paths: ["/ws-denied"]}
+      action: deny
+    """,
 )
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -518,16 +492,14 @@ def test_audit_ids_are_unique_across_routes(origin: OriginServer, tmp_path: Path
 
 
 def test_limit_keyed_by_path(origin: OriginServer, web: Callable[..., RunningSidecar]) -> None:
-    policy = WEB_POLICY + textwrap.indent(
-        textwrap.dedent(
-            """\
-            - name: per-path
-              http: {methods: [GET], paths: ["/items/**"]}
-              action: limit
-              limit: {rate: 1, per: 60s, burst: 1, scope: source-app, key: path}
-            """
-        ),
-        "    ",
+    policy = add_rules(
+        WEB_POLICY,
+        """\
+        - name: per-path
+          http: {methods: [GET], paths: ["/items/**"]}
+          action: limit
+          limit: {rate: 1, per: 60s, burst: 1, scope: source-app, key: path}
+        """,
     )
     sc = web(origin.port, policy=policy)
     with httpx.Client(base_url=f"http://127.0.0.1:{sc.port}") as client:

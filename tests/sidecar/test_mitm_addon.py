@@ -17,14 +17,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.sidecar.httporigin import OriginServer, free_port
 from tests.sidecar.mitmservers import (
     MITMDUMP,
     Mitmdump,
-    Origin,
     TlsNginx,
     WebSocketClient,
-    free_port,
+    WebSocketEchoHandler,
 )
+from tests.sidecar.webguard import web_guard
 
 pytestmark = [
     pytest.mark.slow,
@@ -35,39 +36,16 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed"),
 ]
 
-POLICIES = textwrap.dedent(
+POLICIES = web_guard(
+    post_budget="{rate: 1, per: 10s, burst: 2}",
+    paced="{rate: 2, per: 1s, burst: 1}",
+    rules="""\
+    - name: no-ws-admin
+      http: {paths: ["/ws/admin"]}
+      action: deny
+    """,
+) + textwrap.dedent(
     """\
-    apiVersion: sluice/v1
-    kind: Policy
-    metadata: {name: web-guard}
-    spec:
-      destination: web
-      rules:
-        - name: no-admin
-          http: {paths: ["/admin/**"]}
-          action: deny
-          message: admin is off limits
-        - name: no-debug-header
-          http: {headers: {x-debug: ["1", "true"]}}
-          action: deny
-        - name: post-budget
-          http: {methods: [POST], paths: ["/orders"]}
-          action: limit
-          limit: {rate: 1, per: 10s, burst: 2}
-          message: slow down
-        - name: paced
-          http: {methods: [PUT], paths: ["/paced"]}
-          action: limit
-          limit: {rate: 2, per: 1s, burst: 1}
-          on_exceed: delay
-          max_delay: 2s
-        - name: shadow-delete
-          http: {methods: [DELETE]}
-          action: deny
-          enforce: false
-        - name: no-ws-admin
-          http: {paths: ["/ws/admin"]}
-          action: deny
     ---
     apiVersion: sluice/v1
     kind: Policy
@@ -92,13 +70,13 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def origin() -> Iterator[Origin]:
-    server = Origin()
+def origin() -> Iterator[OriginServer]:
+    server = OriginServer(WebSocketEchoHandler)
     yield server
     server.stop()
 
 
-def _reverse(workdir: Path, origin: Origin, name: str, *options: str) -> Mitmdump:
+def _reverse(workdir: Path, origin: OriginServer, name: str, *options: str) -> Mitmdump:
     return Mitmdump(
         workdir / name,
         f"reverse:http://127.0.0.1:{origin.port}",
@@ -110,14 +88,14 @@ def _reverse(workdir: Path, origin: Origin, name: str, *options: str) -> Mitmdum
 
 
 @pytest.fixture(scope="module")
-def reverse(workdir: Path, origin: Origin) -> Iterator[Mitmdump]:
+def reverse(workdir: Path, origin: OriginServer) -> Iterator[Mitmdump]:
     proxy = _reverse(workdir, origin, "reverse")
     yield proxy
     proxy.stop()
 
 
 @pytest.fixture(scope="module")
-def inspecting(workdir: Path, origin: Origin) -> Iterator[Mitmdump]:
+def inspecting(workdir: Path, origin: OriginServer) -> Iterator[Mitmdump]:
     proxy = _reverse(
         workdir,
         origin,
@@ -158,7 +136,7 @@ def at(event: dict[str, object], method: str, path: str) -> bool:
 # Reverse mode, plaintext
 
 
-def test_allowed_request_passes_and_is_audited(reverse: Mitmdump, origin: Origin) -> None:
+def test_allowed_request_passes_and_is_audited(reverse: Mitmdump, origin: OriginServer) -> None:
     r = httpx.get(f"http://127.0.0.1:{reverse.port}/hello?x=1")
     assert r.status_code == 200
     assert r.json()["target"] == "/hello?x=1"
@@ -177,7 +155,9 @@ def test_allowed_request_passes_and_is_audited(reverse: Mitmdump, origin: Origin
     assert isinstance(e["duration_ms"], float) and e["duration_ms"] >= 0
 
 
-def test_denied_path_gets_403_naming_policy_and_rule(reverse: Mitmdump, origin: Origin) -> None:
+def test_denied_path_gets_403_naming_policy_and_rule(
+    reverse: Mitmdump, origin: OriginServer
+) -> None:
     # The decided path is the normalised one, which is also what goes upstream.
     out = subprocess.run(
         ["curl", "-s", "--path-as-is", "-w", "\n%{http_code}", f"http://127.0.0.1:{reverse.port}/x/../%61dmin/panel"],
@@ -191,7 +171,7 @@ def test_denied_path_gets_403_naming_policy_and_rule(reverse: Mitmdump, origin: 
         "rule": "web-guard/no-admin",
         "message": "sluice: request denied by policy web-guard, rule web-guard/no-admin: admin is off limits",
     }
-    assert not any(p.startswith("/admin") for _, p in origin.seen)
+    assert not any(p.startswith("/admin") for _, p in origin.requests())
     e = reverse.wait_event(lambda e: at(e, "GET", "/admin/panel"))
     assert (e["decision"], e["action"], e["rule"], e["status"]) == (
         "deny",
@@ -238,9 +218,11 @@ def test_delay_limit_holds_the_request(reverse: Mitmdump) -> None:
     assert e["status"] == 200
 
 
-def test_dry_run_rule_forwards_and_audits_would_deny(reverse: Mitmdump, origin: Origin) -> None:
+def test_dry_run_rule_forwards_and_audits_would_deny(
+    reverse: Mitmdump, origin: OriginServer
+) -> None:
     r = httpx.delete(f"http://127.0.0.1:{reverse.port}/orders/7")
-    assert r.status_code == 200 and ("DELETE", "/orders/7") in origin.seen
+    assert r.status_code == 200 and ("DELETE", "/orders/7") in origin.requests()
     e = reverse.wait_event(lambda e: at(e, "DELETE", "/orders/7"))
     assert (e["decision"], e["action"], e["enforced"]) == ("allow", "deny", False)
     assert e["rule"] == "web-guard/shadow-delete"
@@ -362,7 +344,7 @@ def test_http2_through_the_proxy(regular: Mitmdump, nginx_tls: TlsNginx) -> None
 # WebSocket: the upgrade request is decided
 
 
-def test_websocket_upgrade_allowed_and_denied(reverse: Mitmdump, origin: Origin) -> None:
+def test_websocket_upgrade_allowed_and_denied(reverse: Mitmdump, origin: OriginServer) -> None:
     ws = WebSocketClient(reverse.port, "/ws/chat")
     try:
         assert ws.status == 101
@@ -380,7 +362,7 @@ def test_websocket_upgrade_allowed_and_denied(reverse: Mitmdump, origin: Origin)
     finally:
         denied.file.close()
         denied.sock.close()
-    assert ("GET", "/ws/admin") not in origin.seen
+    assert ("GET", "/ws/admin") not in origin.requests()
     e = reverse.wait_event(lambda e: at(e, "GET", "/ws/admin"))
     assert (e["protocol"], e["decision"], e["status"]) == ("websocket", "deny", 403)
 

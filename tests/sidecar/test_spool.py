@@ -20,28 +20,13 @@ from hypothesis import strategies as st
 import sidecar.spool as spool_mod
 from sidecar.audit import AuditEvent
 from sidecar.spool import Batch, Spool, SpoolBusy
+from tests.audit_events import audit_event
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def event(n: int, statement: str = "SELECT 1") -> AuditEvent:
-    return AuditEvent(
-        id=f"billing-1-boot-{n}",
-        time=1_700_000_000.0 + n,
-        app="billing",
-        instance="billing-1",
-        service="orders-db",
-        session="s1",
-        protocol="postgres",
-        decision="allow",
-        action="allow",
-        enforced=True,
-        rules=(),
-        rule=None,
-        verbs=("SELECT",),
-        tables=(),
-        statement=statement,
-    )
+    return audit_event(f"billing-1-boot-{n}", 1_700_000_000.0 + n, statement=statement)
 
 
 def ids(batch: Batch | None) -> list[str]:

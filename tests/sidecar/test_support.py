@@ -16,6 +16,7 @@ from sidecar.audit import AuditEvent, JsonlSink
 from sidecar.config import load_config, parse_hostport
 from sidecar.limits import Limiter
 from sidecar.policy_watch import PolicyWatcher
+from tests.audit_events import audit_event
 
 POLICY = textwrap.dedent(
     """\
@@ -95,20 +96,13 @@ def test_initial_invalid_set_is_an_error(tmp_path: Path) -> None:
 
 
 def event(i: int) -> AuditEvent:
-    return AuditEvent(
-        id=f"i-{i}",
-        time=1.0,
+    return audit_event(
+        f"i-{i}",
+        1.0,
         app="a",
         instance="a-1",
         service="db",
         session="s",
-        protocol="postgres",
-        decision="allow",
-        action="allow",
-        enforced=True,
-        rules=(),
-        rule=None,
-        verbs=("SELECT",),
         tables=("t",),
         statement="SELECT ?",
     )

@@ -10,7 +10,7 @@ import textwrap
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import httpx
 import psycopg
@@ -33,6 +33,7 @@ from sidecar.config import (
 )
 from sidecar.prometheus import MAX_SERIES, Counter, Histogram, Registry
 from sidecar.telemetry import SidecarMetrics, Telemetry, TelemetrySink, wanted
+from tests.audit_events import audit_event
 from tests.promtext import parse, value
 from tests.sidecar.conftest import PG_HOST, PG_PORT, RunningSidecar
 
@@ -147,27 +148,15 @@ def test_spans_and_metrics_for_real_statements(
     assert httpx.post(url + "/metrics", timeout=5).status_code == 405
 
 
-def event(n: int = 0, **kw: object) -> AuditEvent:
-    base: dict[str, object] = dict(
-        id=f"e-{n}",
-        time=1_700_000_000.0 + n,
-        app="billing",
-        instance="billing-1",
-        service="orders-db",
+def event(n: int = 0, **kw: Any) -> AuditEvent:
+    """An allowed SELECT on orders that took 1.5 ms; `kw` sets any other field."""
+    orders = dict(
         session="s-1",
-        protocol="postgres",
-        decision="allow",
-        action="allow",
-        enforced=True,
-        rules=(),
-        rule=None,
-        verbs=("SELECT",),
         tables=("orders",),
         statement="SELECT * FROM orders WHERE id = $1",
         duration_ms=1.5,
     )
-    base.update(kw)
-    return AuditEvent(**base)  # type: ignore[arg-type]
+    return audit_event(f"e-{n}", 1_700_000_000.0 + n, **(orders | kw))
 
 
 def sink_with(
