@@ -6,19 +6,21 @@ while the engine is the same and, when any rule of the route has a time window, 
 same minute (windows have minute granularity, so the decision cannot change inside one).
 
 Apps that inline constants (`WHERE aid = 41`, `WHERE aid = 42`, ...) send a new text each
-time. For PostgreSQL, a second cache is keyed by the statement's *shape*: the text with its
-constants replaced by libpg_query's normaliser, used only where the inspection cannot depend
-on a constant's value (see `policies.sql.postgres.shape`) and only for single statements.
-It is never a fingerprint: comments, identifiers and dollar-quoted code stay in the key.
+time. A second cache is keyed by the statement's *shape*: the text with its constants
+replaced (PostgreSQL: libpg_query's normaliser, `policies.sql.postgres.shape`; MySQL and
+MariaDB: `policies.sql.mysql_shape.shape`), used only where the inspection cannot depend on
+a constant's value and only for single statements. It is never a fingerprint: comments (in
+PostgreSQL; a MySQL text with a comment has no shape), identifiers and dollar-quoted code
+stay in the key, and so does the session state.
 """
 
 from __future__ import annotations
 
 from policies.attributes import Peer
 from policies.engine import Decision, Engine
+from policies.sql import mysql_shape, postgres
 from policies.sql.inspect import DEFAULT_CACHE_SIZE, MAX_CACHED_LENGTH, SessionState, inspect
 from policies.sql.model import StatementInfo
-from policies.sql.postgres import shape
 
 _Entry = tuple[int, tuple[StatementInfo, ...], Decision]
 
@@ -70,7 +72,7 @@ class SqlDecider:
         if entry is not None and (entry[0] < 0 or entry[0] == minute):
             self.hits += 1
             return entry[1], entry[2]
-        if entry is None and st.dialect == "postgres" and st.standard_conforming_strings:
+        if entry is None and (st.dialect == "mysql" or st.standard_conforming_strings):
             return self._decide_by_shape(sql, st, now, minute)
         self.misses += 1
         statements = entry[1] if entry is not None else inspect(sql, st)
@@ -85,7 +87,12 @@ class SqlDecider:
     def _decide_by_shape(
         self, sql: str, st: SessionState, now: float, minute: int
     ) -> tuple[tuple[StatementInfo, ...], Decision]:
-        form = shape(sql) if len(sql) <= MAX_CACHED_LENGTH else None
+        if len(sql) > MAX_CACHED_LENGTH:
+            form = None
+        elif st.dialect == "mysql":
+            form = mysql_shape.shape(sql, ansi_quotes=st.ansi_quotes)
+        else:  # PostgreSQL with standard_conforming_strings on (see decide)
+            form = postgres.shape(sql)
         self.last_shape = form
         key = (st, form if form is not None else sql)
         entry = self._shapes.get(key) if form is not None else None

@@ -7,7 +7,7 @@ change its meaning (`SessionState`): never by a fingerprint that ignores constan
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from policies.sql.model import StatementInfo
@@ -32,6 +32,30 @@ class SessionState:
     mariadb: bool = True
     ansi_quotes: bool = False  # MySQL sql_mode ANSI_QUOTES
     no_backslash_escapes: bool = False  # MySQL sql_mode NO_BACKSLASH_ESCAPES
+    # Every cache lookup hashes the state: the generated hash of six fields cost 0.24 µs a
+    # time, twice per decision. Computed once here; equality still compares the fields.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(self._values()))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[SessionState], tuple[str, bool, int, bool, bool, bool]]:
+        # Rebuilt through __init__: a copy in another process (another string hash seed)
+        # computes its own hash rather than carrying this one.
+        return SessionState, self._values()
+
+    def _values(self) -> tuple[str, bool, int, bool, bool, bool]:
+        return (
+            self.dialect,
+            self.standard_conforming_strings,
+            self.server_version,
+            self.mariadb,
+            self.ansi_quotes,
+            self.no_backslash_escapes,
+        )
 
 
 POSTGRES = SessionState()

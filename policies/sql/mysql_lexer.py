@@ -44,7 +44,7 @@ _VERSION_5 = re.compile(r"[0-9]{5}")
 _VERSION_5_OR_6 = re.compile(r"[0-9]{5,6}")
 
 WHITESPACE = " \t\n\v\f\r"  # what the server skips between tokens
-_ID = "A-Za-z0-9_$\u0080-\U0010ffff"  # identifier characters (any non-ASCII character too)
+ID_CHARS = "A-Za-z0-9_$\u0080-\U0010ffff"  # identifier characters (any non-ASCII character too)
 
 
 class LexError(ValueError):
@@ -70,7 +70,7 @@ class Token(NamedTuple):
     executed_comment: bool = False
 
 
-def _quoted(quote: str, backslash: bool) -> str:
+def quoted(quote: str, backslash: bool) -> str:
     """A quoted run with doubled-quote escapes (and backslash escapes when enabled).
     Possessive quantifiers keep an unterminated quote from backtracking."""
     if backslash:
@@ -78,34 +78,50 @@ def _quoted(quote: str, backslash: bool) -> str:
     return rf"{quote}(?:[^{quote}]++|{quote}{quote})*+{quote}"
 
 
+def string_pattern(ansi_quotes: bool, backslash: bool) -> str:
+    """String literals: '...' (N'...', _charset'...'), and "..." unless ANSI_QUOTES."""
+    single = quoted("'", backslash)
+    strings = rf"(?:_[A-Za-z0-9_]+|[nN])?{single}"
+    if not ansi_quotes:
+        double = quoted('"', backslash)
+        strings += rf"|(?:_[A-Za-z0-9_]+)?{double}"
+    return strings
+
+
+# Token patterns shared with `mysql_shape`, so that both read a text alike.
+HEX_PATTERN = rf"[xX]'[0-9a-fA-F]*'|0x[0-9a-fA-F]+(?![{ID_CHARS}])"
+BIT_PATTERN = rf"[bB]'[01]*'|0b[01]+(?![{ID_CHARS}])"
+BAD_LITERAL_PATTERN = r"[xXbB]'"
+NUMBER_PATTERN = rf"(?>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?(?![{ID_CHARS}])"
+WORD_PATTERN = rf"[{ID_CHARS}]++"
+OP_PATTERN = r"<=>|<<|>>|<=|>=|<>|!=|:=|\|\||&&|->>|->|[-+*/%^&|~!<>=:,.()\[\]{}\\]"
+
+
 @cache
 def _pattern(ansi_quotes: bool, backslash: bool) -> re.Pattern[str]:
-    single = _quoted("'", backslash)
-    double = _quoted('"', backslash)
-    backtick = _quoted("`", False)
-    strings = rf"(?:_[A-Za-z0-9_]+|[nN])?{single}"
+    single = quoted("'", backslash)
+    double = quoted('"', backslash)
+    backtick = quoted("`", False)
     quoted_idents = backtick
     if ansi_quotes:
-        quoted_idents += "|" + _quoted('"', False)
-    else:
-        strings += rf"|(?:_[A-Za-z0-9_]+)?{double}"
+        quoted_idents += "|" + quoted('"', False)
     parts = [
         rf"(?P<ws>[{WHITESPACE}]+)",
         r"(?P<comment_open>/\*)",
         r"(?P<line_comment>\#[^\n\x00]*|--(?=[\x00-\x20\x7f]|\Z)[^\n\x00]*)",
         r"(?P<comment_close>\*/)",
-        rf"(?P<{STRING}>{strings})",
-        rf"(?P<{HEX}>[xX]'[0-9a-fA-F]*'|0x[0-9a-fA-F]+(?![{_ID}]))",
-        rf"(?P<{BIT}>[bB]'[01]*'|0b[01]+(?![{_ID}]))",
-        r"(?P<bad_literal>[xXbB]')",
-        rf"(?P<{NUMBER}>(?>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?(?![{_ID}]))",
+        rf"(?P<{STRING}>{string_pattern(ansi_quotes, backslash)})",
+        rf"(?P<{HEX}>{HEX_PATTERN})",
+        rf"(?P<{BIT}>{BIT_PATTERN})",
+        rf"(?P<bad_literal>{BAD_LITERAL_PATTERN})",
+        rf"(?P<{NUMBER}>{NUMBER_PATTERN})",
         rf"(?P<{QUOTED_IDENT}>{quoted_idents})",
-        rf"(?P<{SYSVAR}>@@(?:[{_ID}.]++|{backtick})*+)",
-        rf"(?P<{VARIABLE}>@(?:[{_ID}.]++|{single}|{double}|{backtick})?)",
-        rf"(?P<{WORD}>[{_ID}]++)",
+        rf"(?P<{SYSVAR}>@@(?:[{ID_CHARS}.]++|{backtick})*+)",
+        rf"(?P<{VARIABLE}>@(?:[{ID_CHARS}.]++|{single}|{double}|{backtick})?)",
+        rf"(?P<{WORD}>{WORD_PATTERN})",
         rf"(?P<{PARAM}>\?)",
         rf"(?P<{SEMI}>;)",
-        rf"(?P<{OP}><=>|<<|>>|<=|>=|<>|!=|:=|\|\||&&|->>|->|[-+*/%^&|~!<>=:,.()\[\]{{}}\\])",
+        rf"(?P<{OP}>{OP_PATTERN})",
         r"(?P<bad>[\s\S])",
     ]
     return re.compile("|".join(parts))
