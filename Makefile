@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+EXT_STAMP := build/.pg_session_c
 # mitmproxy in a virtualenv of its own (docs/decisions/0010-mitmproxy-addon.md): 11.0.2, the
 # newest release for Python 3.11, pins h11<=0.14, which httpx/httpcore here cannot share.
 # Besides mitmproxy it gets only the pure dependencies of the addon's imports (policies/ and
@@ -14,11 +15,19 @@ MITM_DEPS := mitmproxy==11.0.2 'PyYAML>=6.0' 'pglast>=8.8,<9' 'tzdata>=2024.1'
 
 .PHONY: install mitm check test bench bench-deps demo up clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	@mkdir -p build && touch $(EXT_STAMP)
 	touch $(STAMP)
+
+# sidecar/pg_session.py compiled by Cython (setup.py) into sidecar/_pg_session_c*.so, rebuilt
+# when the source changes; until then the sidecar runs the pure Python session (never stale
+# code: docs/decisions/0013-compiled-pg-session.md).
+$(EXT_STAMP): sidecar/pg_session.py | $(STAMP)
+	$(BIN)/pip install -q --no-deps -e .
+	@mkdir -p build && touch $(EXT_STAMP)
 
 $(MITM_STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(MITM_VENV)
@@ -29,7 +38,7 @@ $(MITM_STAMP): pyproject.toml Makefile
 
 mitm: $(MITM_STAMP)
 
-install: $(STAMP)
+install: $(STAMP) $(EXT_STAMP)
 	@# dig (Debian dnsutils) for the meshdns tests; they skip with a message without it.
 	command -v dig >/dev/null || (test "$$(id -u)" = 0 && apt-get update -q >/dev/null && apt-get install -y -q dnsutils) || true
 	@# nginx (a real origin), curl and wrk (real clients) for the HTTP sidecar tests; they skip without.

@@ -303,8 +303,7 @@ def _route(node: yaml.Node, index: int) -> Route:
             if "server_name" in t
             else None,
         )
-    if protocol == "mysql" and tls.mode != "disable":
-        raise Invalid(m["tls"][1], f"{what}.tls: TLS to a MySQL upstream is not supported yet")
+    # mysql: TLS starts mid-handshake, after the server's greeting (sidecar/mysql_handshake.py)
     if protocol == "http" and tls.mode == "prefer":
         raise Invalid(
             m["tls"][1],

@@ -85,7 +85,8 @@ class Responses:
     # hooks the session implements
     def record(self, run: Run, rows: int | None, error: str | None) -> None: ...
     def server_status(self, status: int) -> None: ...
-    def authenticated(self) -> None: ...
+    def auth_more(self, buf: bytes | bytearray, start: int, end: int) -> None: ...
+    def auth_done(self, ok: bool) -> None: ...
     def remember_prepared(
         self, stmt_id: int, sql: str, statements: tuple[StatementInfo, ...]
     ) -> None: ...
@@ -281,11 +282,12 @@ class Responses:
             return False
         if kind == PREPARE:
             return self._prepare_ok(head, buf, start, end, first)
-        if kind == AUTH:
-            if first == my.OK:
-                self.authenticated()
+        if kind == AUTH:  # the connection phase's (sidecar/mysql_handshake.py)
+            if first == my.OK or first == my.ERR:
+                self.auth_done(first == my.OK)
                 return self._done()
-            return first == my.ERR and self._done()  # else: switch or more data, go on
+            self.auth_more(buf, start, end)  # a plugin switch or more data: go on
+            return False
         if first == my.OK:  # SIMPLE
             self._status(my.ok_info(buf[start:end])[1])
         return self._done()

@@ -5,11 +5,11 @@ server to `server_data`, then writes out `to_server` and `to_client` (the same i
 `PgSession`). The server speaks first, so `startup_sent` is true from the start: the driver
 connects upstream as soon as the app connects.
 
-- Connection phase: the server's greeting loses TLS, compression and formats we do not
-  parse from its capability flags (docs/decisions/0006); the client's HandshakeResponse is
-  read for its capabilities and character set; authentication (any plugin: native password,
-  caching_sha2 with its public-key exchange, ed25519, ...) passes through untouched until the
-  server's OK or ERR. COM_CHANGE_USER re-enters that pass-through.
+- Connection phase (`sidecar/mysql_handshake.py`): the server's greeting loses TLS,
+  compression and formats we do not parse from its capability flags (docs/decisions/0006);
+  the client's HandshakeResponse is read for its capabilities and character set; TLS to the
+  server starts there when the route asks for it; authentication (native password, ed25519,
+  caching_sha2...) passes through until the server's OK or ERR. COM_CHANGE_USER re-enters it.
 - COM_QUERY: every statement is decided; if one is denied, the statements before it are
   forwarded (cut at its span) and the sidecar's ERR 1142 / 42000 follows their results, as
   the server's own error would; when the first is denied, the whole string is answered by
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from policies.engine import Decision
@@ -36,12 +37,12 @@ from policies.spec import Action
 from policies.sql.inspect import MYSQL, SessionState
 from policies.sql.model import StatementInfo, parse_error
 from sidecar import mysql_responses as rs
+from sidecar.mysql_handshake import COMMAND, GREETING, Handshake
 from sidecar.protocols import mysql as my
 from sidecar.session_common import RouteContext, Run, SessionAudit, deny_text, limit_text
 
 DENIED_STATE = "42000"
 _OPAQUE_EXECUTE = StatementInfo(verb="EXECUTE", verbs=frozenset({"EXECUTE"}), opaque=True)
-_GREETING, _HANDSHAKE, _AUTH, _COMMAND = range(4)
 # Commands answered by one packet (OK, ERR, EOF or a string) and passed through.
 _SIMPLE_COMMANDS = frozenset(
     {my.COM_INIT_DB, my.COM_PING, my.COM_STMT_RESET, my.COM_SET_OPTION, my.COM_STATISTICS}
@@ -73,14 +74,25 @@ def _state(version: int, mariadb: bool, ansi: bool, nbe: bool) -> SessionState:
     return st
 
 
-class MySqlSession(SessionAudit, rs.Responses):
-    """The protocol state machine of one app connection and its server connection."""
+class MySqlSession(SessionAudit, Handshake):
+    """The protocol state machine of one app connection and its server connection.
+
+    `tls_mode` is the route's (TLS to the server); `upstream` names the server in errors;
+    `start_tls` is the driver's, called when the connection to the server must turn TLS
+    (it then calls `tls_started` or `tls_failed`)."""
 
     protocol = "mysql"
     deallocate_all = None  # MySQL has no DEALLOCATE ALL
 
-    def __init__(self, ctx: RouteContext, session_id: str) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        ctx: RouteContext,
+        session_id: str,
+        tls_mode: str = "disable",
+        upstream: str = "",
+        start_tls: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(tls_mode, upstream or ctx.service, start_tls)
         self.ctx = ctx
         self.session_id = session_id
         self.to_client = bytearray()
@@ -90,12 +102,9 @@ class MySqlSession(SessionAudit, rs.Responses):
         self.cancel_packet: bytes | None = None  # KILL QUERY is plain SQL in MySQL
         self.backend_key: bytes | None = None
         self.wait = 0.0
-        self.greeting: my.Greeting | None = None
-        self.client: my.HandshakeResponse | None = None
         self.deprecate_eof = False
         self.encoding: str | None = "utf-8"
         self.state: SessionState = _state(101100, True, False, False)
-        self._phase = _GREETING
         self._held: bytes | None = None
         self._cin = bytearray()
         self._cseq = 0
@@ -113,7 +122,7 @@ class MySqlSession(SessionAudit, rs.Responses):
                 and data[3] == 0
                 and (data[0] | data[1] << 8 | data[2] << 16) == size
                 and not self._cin
-                and self._phase == _COMMAND
+                and self._phase == COMMAND
                 and self.wait == 0.0
                 and self.closing is None
                 and not self.infile
@@ -152,12 +161,21 @@ class MySqlSession(SessionAudit, rs.Responses):
         pos = fwd = 0
         out = self.to_server
         try:
-            while self.wait == 0.0 and self.closing is None and self._phase != _GREETING:
+            while self.wait == 0.0 and self.closing is None and self._phase != GREETING:
                 end, payload, seq = self._command_at(buf, pos)
                 if end < 0:
                     break
+                if self._phase != COMMAND:  # handshake and authentication: mysql_handshake
+                    if self._waits(seq):
+                        break  # TLS is starting, or a command came before authentication ended
+                    self._cseq = seq
+                    out += buf[fwd:pos]
+                    fwd = pos
+                    self._connection_packet(payload, seq, bytes(buf[pos:end]))
+                    pos = fwd = end
+                    continue
                 self._cseq = seq
-                if self._phase == _COMMAND and not self.infile:
+                if not self.infile:
                     if not payload:
                         raise my.ProtocolError("empty command packet")
                     if buf[pos + 3] != 0:
@@ -173,9 +191,7 @@ class MySqlSession(SessionAudit, rs.Responses):
                                 self._held = packet
                             else:
                                 out += packet
-                elif self._phase == _HANDSHAKE:
-                    self._handshake(payload)
-                elif self.infile and not payload:  # the empty packet ends the file
+                elif not payload:  # the empty packet ends the file (LOCAL INFILE)
                     self.infile = False
                 pos = end
         finally:
@@ -224,17 +240,6 @@ class MySqlSession(SessionAudit, rs.Responses):
             if length < my.MAX_PACKET:
                 return at, chunks[0] if len(chunks) == 1 else b"".join(chunks), seq
 
-    def _handshake(self, payload: bytes) -> None:
-        if my.is_ssl_request(payload):
-            raise my.ProtocolError("TLS between the app and its sidecar is not supported")
-        self.client = hello = my.parse_handshake_response(payload)
-        server_caps = self.greeting.capabilities if self.greeting else 0
-        self.deprecate_eof = bool(hello.capabilities & server_caps & my.CLIENT_DEPRECATE_EOF)
-        self.multi_statements = bool(hello.capabilities & my.CLIENT_MULTI_STATEMENTS)
-        self.encoding = my.collation_codec(hello.charset)
-        self._phase = _AUTH
-        self.expect(rs.AUTH)
-
     def _command(self, payload: bytes, seq: int) -> bool:
         """Handle one command; False when the sidecar answered it (nothing forwarded)."""
         com = payload[0]
@@ -263,8 +268,7 @@ class MySqlSession(SessionAudit, rs.Responses):
             self.expect(rs.SIMPLE)
         elif com == my.COM_CHANGE_USER:
             self._reset_statements()
-            self._phase = _AUTH
-            self.expect(rs.AUTH)
+            self.change_user(payload)
         elif com == my.COM_QUIT:
             self.closing = "client quit"
         else:
@@ -508,54 +512,27 @@ class MySqlSession(SessionAudit, rs.Responses):
     # -- server -> app (see mysql_responses) ---------------------------------------------------
 
     def server_data(self, data: bytes) -> None:
-        if self._phase == _GREETING:
+        if self._phase == GREETING:
             data = self._greeting(data)
-            if self._phase == _GREETING:
+            if self._phase == GREETING:
                 return
+        if self._shift:  # authentication after the sidecar's SSLRequest: renumbered
+            data = self._renumbered(data)
         self.responses(data)
+        if self._resume:  # commands the app sent before authentication ended
+            self._resume = False
+            self.client_data(b"")
 
-    def _greeting(self, data: bytes) -> bytes:
-        self._sin += data
-        buf = self._sin
-        if len(buf) < 4:
-            return b""
-        length, _ = my.packet_header(buf, 0)
-        if len(buf) < 4 + length:
-            return b""
-        packet = bytes(buf[: 4 + length])
-        payload = packet[4:]
-        rest = bytes(buf[4 + length :])
-        buf.clear()
-        if payload[:1] == b"\xff":  # refused before the handshake (too many connections...)
-            self.to_client += packet
-            self.closing = "the server refused the connection"
-            return b""
-        try:
-            self.greeting = g = my.parse_greeting(payload)
-        except my.ProtocolError as exc:
-            self._fail(f"invalid greeting from the server: {exc}")
-            return b""
-        status_at = g.caps_at + 3
-        nbe = len(payload) > status_at + 1 and bool(
-            (payload[status_at] | payload[status_at + 1] << 8)
-            & my.SERVER_STATUS_NO_BACKSLASH_ESCAPES
-        )
+    def greeted(self, greeting: my.Greeting, no_backslash_escapes: bool) -> None:
+        g, nbe = greeting, no_backslash_escapes
         self.state = _state(g.version or 101100, g.mariadb, False, nbe)
         self._nbe = my.SERVER_STATUS_NO_BACKSLASH_ESCAPES if nbe else 0
-        self.to_client += my.packets(my.strip_greeting(payload, g), 0)
-        self._phase = _HANDSHAKE
-        if self._cin:
-            self.client_data(b"")
-        return rest
 
     def server_status(self, status: int) -> None:
         nbe = bool(status & my.SERVER_STATUS_NO_BACKSLASH_ESCAPES)
         st = self.state
         if nbe != st.no_backslash_escapes:
             self.state = _state(st.server_version, st.mariadb, st.ansi_quotes, nbe)
-
-    def authenticated(self) -> None:
-        self._phase = _COMMAND
 
     def _fail(self, reason: str) -> None:
         self.to_client += my.err_packet(

@@ -43,7 +43,7 @@ from sidecar.control import ControlClient, RouteInfo
 from sidecar.http_session import HttpRouteContext, HttpSession
 from sidecar.limits import Limiter
 from sidecar.mysql_session import MySqlSession
-from sidecar.pg_session import PgSession, RouteContext
+from sidecar.pg_session import PgSession, RouteContext, session_class
 from sidecar.policy_watch import PolicyWatcher
 from sidecar.protocols import mysql as my
 from sidecar.protocols import postgres as pg
@@ -67,6 +67,10 @@ CATALOG_WAIT = 5.0
 # this much) so that, when that instance resets the connection, the app's connection goes
 # on to the next instance with the same opening bytes (a PostgreSQL StartupMessage).
 REPLAY_LIMIT = 64 * 1024
+
+
+# The compiled build of the PostgreSQL session when it is current (sidecar/pg_session.py).
+_PG_SESSION = session_class()
 
 
 def install_uvloop() -> bool:
@@ -397,9 +401,12 @@ class ClientSide(asyncio.Protocol):
         if isinstance(ctx, HttpRouteContext):
             self.session = HttpSession(ctx, session_id)
         elif rt.route.protocol == "mysql":
-            self.session = MySqlSession(ctx, session_id)
+            route = rt.route
+            self.session = MySqlSession(
+                ctx, session_id, route.tls.mode, route.upstream_label, lambda: _mysql_tls(self)
+            )
         else:
-            self.session = PgSession(ctx, session_id)
+            self.session = _PG_SESSION(ctx, session_id)
         self._connecting = False
         self._closed = False
         self._paused_by_delay = False
@@ -547,7 +554,7 @@ class ClientSide(asyncio.Protocol):
                     ),
                     timeout=route.connect_timeout,
                 )
-            elif route.tls.mode == "disable":
+            elif route.tls.mode == "disable" or route.protocol == "mysql":  # mysql: _mysql_tls
                 _, proto = await asyncio.wait_for(
                     loop.create_connection(lambda: ServerSide(self), host, port),
                     timeout=route.connect_timeout,
@@ -770,6 +777,73 @@ async def _connect_tls(
     transport.set_protocol(proto)
     proto.connection_made(transport)
     return proto
+
+
+_UPGRADES: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
+
+
+def _mysql_tls(side: ClientSide) -> None:
+    """MySQL starts TLS mid-handshake (sidecar/mysql_handshake.py): the session has queued
+    its SSLRequest, which `pump` writes before this task runs; then the upgrade."""
+    task = asyncio.get_running_loop().create_task(_upgrade_mysql(side))
+    _UPGRADES.add(task)
+    task.add_done_callback(_UPGRADES.discard)
+
+
+class _TlsStarting(asyncio.Protocol):
+    """The upstream's protocol during the TLS handshake: a failure is answered by
+    `_upgrade_mysql` (an ERR naming the upstream), not taken for the server closing."""
+
+    def __init__(self, up: ServerSide) -> None:
+        self.up = up
+
+    def data_received(self, data: bytes) -> None:
+        self.up.data_received(data)
+
+
+async def _upgrade_mysql(side: ClientSide) -> None:
+    route, session = side.rt.route, side.session
+    # The app may answer the greeting before `_connect` has handed the connection over
+    # (`_use`, whose `pump` writes the SSLRequest): wait for that, a few loop turns.
+    deadline = asyncio.get_running_loop().time() + route.connect_timeout
+    while side.upstream is None and side._connecting and not side._closed:
+        if asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0)
+    up = side.upstream
+    if up is None or up.transport is None or side._closed:
+        return
+    assert isinstance(session, MySqlSession)
+    host = side._address[0]
+    try:
+        transport = await asyncio.wait_for(
+            asyncio.get_running_loop().start_tls(
+                up.transport,
+                _TlsStarting(up),
+                _tls_context(route.tls),
+                server_hostname=route.tls.server_name or host,
+            ),
+            timeout=route.connect_timeout,
+        )
+    except (OSError, TimeoutError, ssl.SSLError, ValueError) as exc:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            reason = f"certificate verify failed: {exc.verify_message}"
+        else:
+            reason = _describe(exc, route.connect_timeout)
+        text = f"TLS to upstream {route.service} at {_hp(*side._address)} failed: {reason}"
+        log.warning("%s", text)
+        if not side._closed:
+            session.tls_failed(text)
+            side.pump()
+        return
+    assert transport is not None
+    transport.set_protocol(up)
+    up.transport = transport
+    if side._closed:
+        up.close()
+        return
+    session.tls_started()
+    side.pump()
 
 
 async def _open_upstream(

@@ -81,6 +81,19 @@ ER_UNKNOWN_COM = 1047
 ER_NET_PACKETS_OUT_OF_ORDER = 1156
 ER_NOT_SUPPORTED = 1235
 CR_CONN_HOST_ERROR = 2003  # the client library's "Can't connect to MySQL server"
+# "Bad handshake" (08S01): the TLS errors' code. Not 2026 (CR_SSL_CONNECTION_ERROR):
+# libmariadb takes an error code from 2000 to 2999 sent by a server for a malformed packet.
+ER_HANDSHAKE_ERROR = 1043
+ER_ACCESS_DENIED = 1045
+
+# Authentication packets from the server besides OK and ERR.
+AUTH_MORE_DATA = 0x01  # plugin data (caching_sha2's status byte, a public key...)
+AUTH_SWITCH = 0xFE  # AuthSwitchRequest: plugin name, NUL, the new scramble
+# caching_sha2_password: the client's public-key request and the server's status bytes.
+SHA2_REQUEST_PUBLIC_KEY = 0x02
+SHA2_FAST_AUTH_SUCCESS = 0x03
+SHA2_PERFORM_FULL_AUTH = 0x04
+CACHING_SHA2 = "caching_sha2_password"
 
 _VERSION = re.compile(r"^(?:5\.5\.5-)?(\d+)\.(\d+)\.(\d+)")
 
@@ -246,6 +259,7 @@ class Greeting:
     caps_at: int  # offset of the lower two capability bytes in the payload
     upper_caps_at: int  # offset of the upper two (-1: not sent)
     extended_caps_at: int  # offset of MariaDB's four extended bytes (-1: not MariaDB)
+    scramble: bytes = b""  # the nonce the client's auth response answers (20 bytes)
 
 
 def parse_greeting(payload: bytes | bytearray) -> Greeting:
@@ -262,6 +276,7 @@ def parse_greeting(payload: bytes | bytearray) -> Greeting:
     caps = payload[caps_at] | payload[caps_at + 1] << 8
     upper_at = extended_at = -1
     plugin = ""
+    scramble = bytes(payload[nul + 5 : nul + 13])  # part 1, after the connection id
     if caps_at + 2 + 1 + 2 + 2 <= end:
         upper_at = caps_at + 2 + 1 + 2  # after character set and status flags
         caps |= (payload[upper_at] | payload[upper_at + 1] << 8) << 16
@@ -271,15 +286,15 @@ def parse_greeting(payload: bytes | bytearray) -> Greeting:
         if mariadb_caps and reserved + 10 <= end:
             extended_at = reserved + 6
             caps |= int.from_bytes(payload[extended_at : extended_at + 4], "little") << 32
+        scramble += bytes(payload[reserved + 10 : reserved + 10 + max(12, scramble_len - 9)])
         at = reserved + 10 + max(13, scramble_len - 8)
         if caps & CLIENT_PLUGIN_AUTH and at < end:
             stop = payload.find(b"\0", at)
             plugin = bytes(payload[at : stop if stop >= 0 else end]).decode("ascii", "replace")
     m = _VERSION.match(text)
     version = int(m[1]) * 10000 + int(m[2]) * 100 + int(m[3]) if m else 0
-    return Greeting(
-        text, version, "mariadb" in text.lower(), caps, plugin, caps_at, upper_at, extended_at
-    )
+    mariadb = "mariadb" in text.lower()
+    return Greeting(text, version, mariadb, caps, plugin, caps_at, upper_at, extended_at, scramble)
 
 
 def strip_greeting(payload: bytes | bytearray, greeting: Greeting) -> bytes:
@@ -307,6 +322,48 @@ class HandshakeResponse:
 
 def is_ssl_request(payload: bytes | bytearray) -> bool:
     return len(payload) == 32 and bool(int.from_bytes(payload[:4], "little") & CLIENT_SSL)
+
+
+def with_ssl(hello: bytes | bytearray) -> bytes:
+    """A HandshakeResponse41 payload with CLIENT_SSL set in its capability flags."""
+    caps = int.from_bytes(hello[:4], "little") | CLIENT_SSL
+    return caps.to_bytes(4, "little") + bytes(hello[4:])
+
+
+def ssl_request(hello: bytes | bytearray) -> bytes:
+    """The SSLRequest payload that goes before `hello` (a HandshakeResponse41): its first
+    32 bytes (capabilities, max packet size, character set, filler; MariaDB's extended
+    capabilities in the last four), with CLIENT_SSL set."""
+    return with_ssl(hello[:32])
+
+
+def auth_switch(payload: bytes | bytearray) -> tuple[str, bytes]:
+    """An AuthSwitchRequest's plugin name and scramble (without its trailing NUL). The
+    one-byte form (0xFE alone) is the old request for mysql_old_password."""
+    if len(payload) == 1:
+        return "mysql_old_password", b""
+    plugin, pos = _cstring(payload, 1, len(payload))
+    data = bytes(payload[pos:])
+    return plugin, data[:-1] if data.endswith(b"\0") else data
+
+
+def change_user_plugin(payload: bytes | bytearray, caps: int) -> str | None:
+    """The authentication plugin a COM_CHANGE_USER names (None: not sent)."""
+    end = len(payload)
+    _, pos = _cstring(payload, 1, end)  # user
+    if caps & CLIENT_SECURE_CONNECTION:
+        if pos >= end:
+            raise ProtocolError("COM_CHANGE_USER truncated")
+        pos += 1 + payload[pos]
+    else:
+        _, pos = _cstring(payload, pos, end)
+    if pos >= end:
+        return None
+    _, pos = _cstring(payload, pos, end)  # database
+    pos += 2  # character set
+    if not caps & CLIENT_PLUGIN_AUTH or pos >= end:
+        return None
+    return _cstring(payload, pos, end)[0]
 
 
 def parse_handshake_response(payload: bytes | bytearray) -> HandshakeResponse:

@@ -64,6 +64,15 @@ def startup_params(packet: bytes | bytearray) -> dict[str, str]:
 unpack_header = struct.Struct("!Bi").unpack_from
 
 
+def framable(buf: bytes | bytearray, limit: int) -> bool:
+    """Whether a framing loop has work in `buf` (which starts at a message boundary): a
+    whole message, or a length field it will refuse. Else wait for more bytes."""
+    if len(buf) < 5:
+        return False
+    length: int = unpack_header(buf, 0)[1]
+    return length < 4 or length > limit or len(buf) > length
+
+
 def bad_length(kind: int, length: int) -> ProtocolError:
     """The error for a typed message whose length field is out of bounds."""
     return ProtocolError(f"invalid length {length} for message {chr(kind)!r}")

@@ -4,6 +4,8 @@ running in a background thread on its own uvloop loop, in front of that server."
 from __future__ import annotations
 
 import asyncio
+import importlib
+import os
 import secrets
 import signal
 import socket
@@ -19,6 +21,7 @@ import psycopg
 import pytest
 import uvloop
 
+from sidecar import pg_session
 from sidecar.audit import AuditEvent, MemorySink
 from sidecar.config import AuditConfig, HttpTimeouts, Route, SidecarConfig, UpstreamTls
 from sidecar.server import Sidecar
@@ -262,3 +265,22 @@ def sidecar_process(tmp_path: Path) -> Iterator[Callable[[str], SidecarProcess]]
     yield start
     for sp in started:
         sp.stop()
+
+
+@pytest.fixture(params=["pure", "compiled"])
+def pg_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> type:
+    """Each build of the PostgreSQL session in turn as the test module's `PgSession`: the
+    pure Python class and its Cython build (sidecar/pg_session.py, setup.py). `make install`
+    builds the latter; without it these cases fail (a silent fallback would test one build
+    only), unless SLUICE_PURE_PYTHON is set, which skips them."""
+    cls: type = pg_session.PgSession
+    if request.param == "compiled":
+        if os.environ.get(pg_session.PURE_ENV):
+            pytest.skip(f"{pg_session.PURE_ENV} is set: the pure Python session only")
+        try:
+            module = importlib.import_module(pg_session.COMPILED_MODULE)
+        except ImportError as exc:
+            pytest.fail(f"the compiled session is not built ({exc}): run `make install`")
+        cls = module.PgSession
+    monkeypatch.setattr(request.module, "PgSession", cls)
+    return cls

@@ -40,6 +40,7 @@ from psycopg import errors
 from policies.attributes import Peer
 from policies.decider import SqlDecider
 from policies.sql.inspect import POSTGRES
+from sidecar import server
 from sidecar.audit import AuditEvent, MemorySink
 from sidecar.limits import Limiter
 from sidecar.pg_session import PgSession, RouteContext
@@ -70,6 +71,9 @@ _PARAMS = b"user\0postgres\0database\0postgres\0\0"
 STARTUP = struct.pack("!ii", 8 + len(_PARAMS), 196608) + _PARAMS
 # Scenarios whose denials go through the extended protocol (ParseComplete swallowed).
 EXTENDED_DENIALS = {"psycopg_extended", "psycopg_pipeline", "asyncpg_prepared"}
+
+# Every case runs against the pure Python session and its Cython build (conftest.pg_build).
+pytestmark = pytest.mark.usefixtures("pg_build")
 
 
 @pytest.fixture
@@ -263,8 +267,9 @@ class Recorder:
     sessions: dict[str, list[Call]] = field(default_factory=dict)
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        live = server._PG_SESSION  # the build the driver runs (compiled when built)
         for side, name in (("c", "client_data"), ("s", "server_data")):
-            monkeypatch.setattr(PgSession, name, self._wrap(side, getattr(PgSession, name)))
+            monkeypatch.setattr(live, name, self._wrap(side, getattr(live, name)))
 
     def _wrap(
         self, side: str, original: Callable[[PgSession, bytes], None]

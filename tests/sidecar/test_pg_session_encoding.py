@@ -28,6 +28,9 @@ POLICY = textwrap.dedent(
     """
 )
 
+# Every case runs against the pure Python session and its Cython build (conftest.pg_build).
+pytestmark = pytest.mark.usefixtures("pg_build")
+
 
 def ready_session(encoding: str) -> PgSession:
     decider = SqlDecider(Engine(load_texts([("p.yaml", POLICY)])), Peer("app", "db"), POSTGRES)

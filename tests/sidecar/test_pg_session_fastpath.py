@@ -38,6 +38,9 @@ POLICY = textwrap.dedent(
 NO_SELECT = POLICY + "    - {name: no-select, sql: {verbs: [SELECT], tables: [t]}, action: deny}\n"
 MIDNIGHT = 1_700_006_400.0  # 2023-11-15 00:00 UTC
 
+# Every case runs against the pure Python session and its Cython build (conftest.pg_build).
+pytestmark = pytest.mark.usefixtures("pg_build")
+
 
 class Clock:
     def __init__(self, now: float) -> None:

@@ -1,0 +1,6 @@
+# The names sidecar/pg_session.py takes from Cython's pure-Python mode, for mypy: C types are
+# plain ints to the type checker (Cython itself is a build-time dependency, setup.py).
+from typing import TypeAlias
+
+compiled: bool
+Py_ssize_t: TypeAlias = int
