@@ -628,8 +628,10 @@ class ClientSide(asyncio.Protocol):
             return
         if self.transport is not None and not self._closed:
             if self.rt.route.protocol == "mysql":
+                # A server-range code: clients drop the client library's own codes
+                # (2003 ...) when a server sends them and print "malformed packet".
                 self.transport.write(
-                    my.err_packet(0, my.CR_CONN_HOST_ERROR, "HY000", f"sluice: {text}")
+                    my.err_packet(0, my.ER_HANDSHAKE_ERROR, "08S01", f"sluice: {text}")
                 )
             else:
                 self.transport.write(

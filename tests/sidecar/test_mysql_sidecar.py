@@ -407,7 +407,7 @@ def _check_ed25519(sc: RunningSidecar, user: str, password: str, db: str) -> Non
     assert done.stdout.split() == ["5"]
 
 
-def test_upstream_down_gives_error_2003(start_mysql) -> None:
+def test_upstream_down_gives_an_error_naming_it(start_mysql) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once closed
@@ -416,8 +416,20 @@ def test_upstream_down_gives_error_2003(start_mysql) -> None:
     with pytest.raises(pymysql.err.OperationalError) as info:
         pymysql.connect(host=sc.host, port=sc.port, user=USER, connect_timeout=5)
     assert time.monotonic() - started < 5
-    assert info.value.args[0] == 2003
+    assert info.value.args[0] == 1043  # ER_HANDSHAKE_ERROR, SQLSTATE 08S01
     assert "sluice: cannot connect to upstream orders-db" in str(info.value.args[1])
+    # The mariadb client shows the sidecar's code and message (it calls a server sending a
+    # client-library code such as 2003 a malformed packet); it adds that an error before
+    # its TLS handshake cannot be authenticated.
+    cli = subprocess.run(
+        ["mariadb", "-h", sc.host, "-P", str(sc.port), "-u", USER, "-e", "SELECT 1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert cli.returncode != 0
+    assert "1043" in cli.stderr and "malformed" not in cli.stderr, cli.stderr
+    assert "sluice: cannot connect to upstream orders-db" in cli.stderr, cli.stderr
 
 
 def test_malformed_packet_closes_only_that_connection(start_mysql, db: str) -> None:
