@@ -12,12 +12,17 @@ to the relay, sysbench's p95 latency, errors, and the proxy's CPU time per trans
 Target (issue 9: MySQL and MariaDB sidecar): the sidecar keeps at least 0.85x the bare
 relay's tps in both workloads. Exit status 1 when it does not.
 
+`--text` adds both workloads with `--db-ps-mode=disable` ("oltp_read_only/text"...): sysbench
+then sends every statement as COM_QUERY with its values inlined, as PyMySQL and most PHP
+apps do, so each text is new and the sidecar decides it through the shape cache
+(docs/decisions/0012). The target applies to the prepared-statement workloads only.
+
 Every proxy runs as a child process on a free loopback port with a config written to a temp
 dir. Targets run in a rotating order within each round; `--repeat N` takes medians.
 `--events N` runs a fixed number of transactions instead of a fixed time: every proxy then
 does the same work, which steadies the CPU per transaction on a shared machine.
 
-    python bench/mysql_sidecar.py [--time 10] [--events 0] [--repeat 1]
+    python bench/mysql_sidecar.py [--time 10] [--events 0] [--repeat 1] [--text]
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ HOST, PORT, USER, DB = "127.0.0.1", 3306, "root", "sluice_sysbench"
 UPSTREAM = (HOST, PORT)
 THREADS, TABLES, TABLE_SIZE = 8, 4, 10_000
 WORKLOADS = ("oltp_read_only", "oltp_write_only")
+TEXT = "/text"  # a workload name's suffix: sysbench --db-ps-mode=disable
 MIN_SHARE_OF_RELAY = 0.85
 # The guard the sidecar enforces: 24 rules, none denying the benchmark's statements.
 POLICY = guard_policy(
@@ -112,7 +118,10 @@ def check_policy_active(target: Target) -> bool:
 
 def sysbench(target: Target, workload: str, seconds: float, events: int = 0) -> Run:
     """One run: `seconds` long, or `events` transactions (then `seconds` is a time limit)."""
-    argv = [*sysbench_argv(workload, target.port), f"--threads={THREADS}"]
+    script, text, _ = workload.partition(TEXT)
+    argv = [*sysbench_argv(script, target.port), f"--threads={THREADS}"]
+    if text:
+        argv.append("--db-ps-mode=disable")
     argv += [f"--time={int(seconds)}", f"--events={events}", "--percentile=95", "run"]
     before = cpu_ticks(target)
     try:
@@ -139,7 +148,9 @@ def sysbench(target: Target, workload: str, seconds: float, events: int = 0) -> 
 
 def report(workload: str, results: dict[str, Run]) -> None:
     columns = [("p95 ms", lambda run: f"{run.p95_ms:.2f}")]
-    print(f"\nsysbench {workload}, {THREADS} threads, {TABLES} tables of {TABLE_SIZE} rows\n")
+    script, text, _ = workload.partition(TEXT)
+    how = "COM_QUERY with inlined values" if text else "server-side prepared statements"
+    print(f"\nsysbench {script}, {THREADS} threads, {TABLES} tables of {TABLE_SIZE} rows, {how}\n")
     print(comparison(results, "relay", "tps", columns, cpu="CPU µs/txn", cpu_digits=0))
 
 
@@ -147,6 +158,8 @@ def verdicts(medians: dict[str, dict[str, Run]]) -> bool:
     print("\nTarget (sidecar, 24 rules, audit non-allow):")
     ok = True
     for workload, results in medians.items():
+        if workload.endswith(TEXT):  # informative: the issue's target is for prepared ones
+            continue
         pair = sidecar_vs(results, "relay")
         if pair is None:
             ok = check(workload, False, "sidecar or relay did not run") and ok
@@ -171,7 +184,13 @@ def main() -> int:
         help="transactions per run instead of --time (which then becomes a limit of 600 s)",
     )
     parser.add_argument("--repeat", type=int, default=1, help="rounds; medians are reported")
+    parser.add_argument(
+        "--text",
+        action="store_true",
+        help="also run both workloads with literals inlined in COM_QUERY (--db-ps-mode=disable)",
+    )
     args = parser.parse_args()
+    workloads = WORKLOADS + (tuple(w + TEXT for w in WORKLOADS) if args.text else ())
     if tool_missing(("sysbench", "mariadb")):
         return 0
     if mariadb("SELECT 1").returncode != 0:
@@ -192,7 +211,7 @@ def main() -> int:
         seconds = 600 if args.events else args.time
         medians = measure(
             targets,
-            WORKLOADS,
+            workloads,
             args.repeat,
             lambda target, workload, _: sysbench(target, workload, seconds, args.events),
             warm_up=lambda target: sysbench(target, "oltp_read_only", 2),
@@ -200,7 +219,7 @@ def main() -> int:
                 f"{workload:16} {target.name:8} {run.rate:9.1f} tps"
             ),
         )
-    for workload in WORKLOADS:
+    for workload in workloads:
         report(workload, medians[workload])
     ok = verdicts(medians)
     ok = check("policy set active through the sidecar", live, "DELETE without WHERE") and ok
