@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXT_STAMP := build/.pg_session_c
+EXT_STAMP := build/.compiled
 # mitmproxy in a virtualenv of its own (docs/decisions/0010-mitmproxy-addon.md): 11.0.2, the
 # newest release for Python 3.11, pins h11<=0.14, which httpx/httpcore here cannot share.
 # Besides mitmproxy it gets only the pure dependencies of the addon's imports (policies/ and
@@ -22,10 +22,11 @@ $(STAMP): pyproject.toml setup.py
 	@mkdir -p build && touch $(EXT_STAMP)
 	touch $(STAMP)
 
-# sidecar/pg_session.py compiled by Cython (setup.py) into sidecar/_pg_session_c*.so, rebuilt
-# when the source changes; until then the sidecar runs the pure Python session (never stale
-# code: docs/decisions/0013-compiled-pg-session.md).
-$(EXT_STAMP): sidecar/pg_session.py | $(STAMP)
+# sidecar/pg_session.py and sidecar/mysql_responses.py compiled by Cython (setup.py) into
+# sidecar/_pg_session_c*.so and sidecar/_mysql_responses_c*.so, rebuilt when a source changes;
+# until then the sidecar runs that pure Python code (never stale code:
+# docs/decisions/0013-compiled-pg-session.md).
+$(EXT_STAMP): sidecar/pg_session.py sidecar/mysql_responses.py | $(STAMP)
 	$(BIN)/pip install -q --no-deps -e .
 	@mkdir -p build && touch $(EXT_STAMP)
 

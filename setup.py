@@ -1,13 +1,19 @@
-"""Build of the one compiled module: sidecar/pg_session.py through Cython.
+"""Build of the compiled modules: sidecar/pg_session.py and sidecar/mysql_responses.py
+through Cython.
 
-The same source stays importable as pure Python (`sidecar.pg_session`); its compiled build
-is `sidecar._pg_session_c`, which `sidecar.pg_session.session_class()` picks when it is not
-older than the source (docs/decisions/0013-compiled-pg-session.md). Without Cython or a C
-compiler the install goes on without it (`optional`): the sidecar then runs pure Python.
-Everything else about the package is in pyproject.toml.
+Each source stays importable as pure Python (`sidecar.pg_session`, `sidecar.mysql_responses`);
+its compiled build (`sidecar._pg_session_c`, `sidecar._mysql_responses_c`) is used when it is
+not older than the source (`sidecar.builds.current`; docs/decisions/0013-compiled-pg-session.md).
+Without Cython or a C compiler the install goes on without them (`optional`): the sidecar then
+runs pure Python. Everything else about the package is in pyproject.toml.
 """
 
 from setuptools import Extension, setup
+
+COMPILED = {
+    "sidecar._pg_session_c": "sidecar/pg_session.py",
+    "sidecar._mysql_responses_c": "sidecar/mysql_responses.py",
+}
 
 try:
     from Cython.Build import cythonize
@@ -15,7 +21,7 @@ except ImportError:  # built without Cython (not the default: pyproject.toml req
     ext_modules = []
 else:
     ext_modules = cythonize(
-        [Extension("sidecar._pg_session_c", ["sidecar/pg_session.py"], optional=True)],
+        [Extension(name, [source], optional=True) for name, source in COMPILED.items()],
         language_level=3,
         build_dir="build/cython",
         quiet=True,

@@ -17,12 +17,27 @@ shapes are followed inside one loop on local variables: a result set's column co
 definitions and rows (walked in bulk by `protocols.mysql.skip_rows`), and the OK/EOF that
 ends a result nobody audits (`PLAIN_RESULT`: only its status flags are read). A read that
 ends on a packet boundary is forwarded in one piece, without copying it into a buffer first.
+
+Cython compiles this same file into `sidecar._mysql_responses_c` (setup.py;
+docs/decisions/0013-compiled-pg-session.md): the loop's offsets, lengths and states are
+annotated `cython.Py_ssize_t` and it reads a `bytes` object, so the compiled build does its
+integer arithmetic and byte reads in C (and walks rows packet by packet there instead of
+calling `skip_rows`). `mysql_session.session_class()` gives the driver a session over that
+build's methods when it is current.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections import deque
 from dataclasses import dataclass, field
+
+try:  # compiled by Cython (setup.py): the annotations below give C types; else inert
+    import cython
+
+    _COMPILED: bool = cython.compiled
+except ModuleNotFoundError:
+    _COMPILED = False
 
 from policies.engine import Decision
 from policies.sql.inspect import SessionState
@@ -52,6 +67,11 @@ class Expected:
 # A result nobody audits (no runs, no tail): one shared entry, as nothing changes an entry
 # without runs or a tail. `responses` follows such results without leaving its loop.
 PLAIN_RESULT = Expected(RESULT)
+if _COMPILED:  # the session (pure Python) appends the pure module's entry: it is the same one
+    PLAIN_RESULT = importlib.import_module("sidecar.mysql_responses").PLAIN_RESULT
+
+# The compiled build of this file (setup.py), used when it is not older than this file.
+COMPILED_MODULE = "sidecar._mysql_responses_c"
 
 
 class Responses:
@@ -121,23 +141,45 @@ class Responses:
 
     # the server's side
 
-    def responses(self, data: bytes) -> None:
+    def responses(self, data: bytes | bytearray) -> None:
         """Follow the server's packets and forward them; runs of bytes that need no change
         go out as they came, in one piece (the read itself when it ends on a packet
         boundary, as it nearly always does)."""
         if self.closing is not None:
             return  # nothing more goes to the app
-        buf: bytes | bytearray = data
+        buf: bytes
         sin = self._sin
-        if sin:  # the end of a packet the last read cut
+        if sin:  # the end of a packet the last read cut: one copy, then framed as bytes
             sin += data
-            buf = sin
-        size = len(buf)
+            if len(sin) < 4 or len(sin) < 4 + (sin[0] | sin[1] << 8 | sin[2] << 16):
+                return  # its first packet is not complete yet: nothing to do (and no copy)
+            buf = bytes(sin)
+            sin.clear()
+        else:
+            buf = data if type(data) is bytes else bytes(data)
+        size: cython.Py_ssize_t = len(buf)
+        pos: cython.Py_ssize_t = 0  # bytes before `fwd` are dealt with; fwd..pos go on
+        fwd: cython.Py_ssize_t = 0  # unchanged
+        length: cython.Py_ssize_t
+        end: cython.Py_ssize_t
+        first: cython.Py_ssize_t
+        status: cython.Py_ssize_t
+        where: cython.Py_ssize_t = self._where
+        rows: cython.Py_ssize_t = self._rows
+        continued: cython.bint = self._continued
+        count = self._count  # a length-encoded column count: not bounded to a C integer
+        # The wire constants as locals: C integers in the compiled build.
+        max_packet: cython.Py_ssize_t = my.MAX_PACKET
+        ok: cython.Py_ssize_t = my.OK
+        eof: cython.Py_ssize_t = my.EOF
+        local_infile: cython.Py_ssize_t = my.LOCAL_INFILE
+        more_results: cython.Py_ssize_t = my.SERVER_MORE_RESULTS_EXISTS
+        no_backslash_escapes: cython.Py_ssize_t = my.SERVER_STATUS_NO_BACKSLASH_ESCAPES
+        compiled = _COMPILED
+        plain = PLAIN_RESULT
         out = self.to_client
         pending = self.pending
         deprecate_eof = self.deprecate_eof
-        where, rows, count, continued = self._where, self._rows, self._count, self._continued
-        pos = fwd = 0
         try:
             while size - pos >= 4:
                 length = buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16
@@ -145,10 +187,10 @@ class Responses:
                 if end > size:
                     break
                 if continued or not pending:  # a continuation, or nothing asked: pass on
-                    continued = continued and length == my.MAX_PACKET
+                    continued = continued and length == max_packet
                     pos = end
                     continue
-                continued = length == my.MAX_PACKET
+                continued = length == max_packet
                 first = buf[pos + 4] if length else -1
                 # What a result set spends its packets on is followed here, with local
                 # variables, and so is the end of a result nobody audits (PLAIN_RESULT:
@@ -156,32 +198,32 @@ class Responses:
                 # with audit events, prepares, authentication...).
                 status = -1
                 if where == _ROWS:
-                    if 0 <= first < my.EOF:
+                    if 0 <= first < eof:
                         rows += 1  # a row: the bulk of a result, walked in one go
-                        if not continued:
+                        if not continued and not compiled:  # (compiled: one by one, in C)
                             end, n = my.skip_rows(buf, end, size)
                             rows += n
                         pos = end
                         continue
                     if (
-                        first == my.EOF
-                        and pending[0] is PLAIN_RESULT
+                        first == eof
+                        and pending[0] is plain
                         and length >= 5
                         and (
-                            length < my.MAX_PACKET and buf[pos + 5] < 0xFB and buf[pos + 6] < 0xFB
+                            length < max_packet and buf[pos + 5] < 0xFB and buf[pos + 6] < 0xFB
                             if deprecate_eof
                             else length < 9
                         )
                     ):
                         status = buf[pos + 7] | buf[pos + 8] << 8  # EOF, or OK in its place
                 elif where == _FIRST:
-                    if pending[0] is PLAIN_RESULT:
-                        if my.OK < first < my.LOCAL_INFILE:
+                    if pending[0] is plain:
+                        if ok < first < local_infile:
                             where, count, rows = _COLUMNS, first, 0  # the column count
                             pos = end
                             continue
                         if (
-                            first == my.OK
+                            first == ok
                             and length >= 5
                             and buf[pos + 5] < 0xFB  # affected rows and insert id: one
                             and buf[pos + 6] < 0xFB  # byte each, so the status is at 3
@@ -201,10 +243,10 @@ class Responses:
                     continue
                 if status >= 0:
                     pos = end
-                    if status & my.SERVER_STATUS_NO_BACKSLASH_ESCAPES != self._nbe:
+                    if status & no_backslash_escapes != self._nbe:
                         self._status(status)
                     where = _FIRST
-                    if status & my.SERVER_MORE_RESULTS_EXISTS:
+                    if status & more_results:
                         continue
                     pending.popleft()
                     count = rows = 0
@@ -234,9 +276,7 @@ class Responses:
         self._where, self._rows, self._count, self._continued = where, rows, count, continued
         if pos > fwd:
             out += buf if fwd == 0 and pos == size else buf[fwd:pos]
-        if buf is sin:
-            del sin[:pos]
-        elif pos < size:
+        if pos < size:
             sin += buf[pos:]  # part of a packet: kept for the next read
 
     def _packet(self, buf: bytes | bytearray, start: int, end: int) -> bool:

@@ -22,11 +22,14 @@ connects upstream as soon as the app connects.
 
 Responses are matched to commands with a FIFO (`mysql_responses.Responses`), which also
 yields each statement's rows, duration and error for its audit event, and places the
-sidecar's own answers in order when the app has pipelined commands.
+sidecar's own answers in order when the app has pipelined commands. Its per-packet loop has
+a compiled build (Cython); `session_class()` gives the driver a session over it when it is
+current (docs/decisions/0013-compiled-pg-session.md).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable
@@ -36,6 +39,7 @@ from policies.engine import Decision
 from policies.spec import Action
 from policies.sql.inspect import MYSQL, SessionState
 from policies.sql.model import StatementInfo, parse_error
+from sidecar import builds
 from sidecar import mysql_responses as rs
 from sidecar.mysql_handshake import COMMAND, GREETING, Handshake
 from sidecar.protocols import mysql as my
@@ -539,3 +543,30 @@ class MySqlSession(SessionAudit, Handshake):
             (self._cseq + 1) & 0xFF, my.ER_NET_PACKETS_OUT_OF_ORDER, "08S01", f"sluice: {reason}"
         )
         self.closing = reason
+
+
+def session_class() -> type[MySqlSession]:
+    """The MySqlSession class the driver uses: over the compiled response FIFO
+    (`sidecar._mysql_responses_c`) when that build is current, else this one."""
+    module = builds.current(rs.__file__, rs.COMPILED_MODULE)
+    if module is None:
+        return MySqlSession
+    return over_responses(module.Responses)
+
+
+@functools.cache
+def over_responses(compiled: type) -> type[MySqlSession]:
+    """MySqlSession with the methods it takes from `mysql_responses.Responses` taken from
+    `compiled`, that class's compiled build instead: the same code, and nothing else
+    changes (the session's and the handshake's own methods, their hooks included, stay)."""
+    pure = vars(rs.Responses)
+    methods = {
+        name: method
+        for name, method in vars(compiled).items()
+        if callable(method)
+        and not name.startswith("__")
+        and name in pure
+        and getattr(MySqlSession, name) is pure[name]
+    }
+    namespace = {"__module__": compiled.__module__, "__doc__": MySqlSession.__doc__, **methods}
+    return type("MySqlSession", (MySqlSession,), namespace)

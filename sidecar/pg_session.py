@@ -35,9 +35,6 @@ loop for a method of `PgDeciding`.
 
 from __future__ import annotations
 
-import importlib
-import logging
-import os
 from collections import deque
 
 try:  # compiled by Cython (setup.py): the annotations below give C types; else inert
@@ -50,6 +47,7 @@ except ModuleNotFoundError:
 from policies.spec import Action
 from policies.sql.inspect import POSTGRES, SessionState
 from policies.sql.model import StatementInfo
+from sidecar import builds
 from sidecar.pg_deciding import (
     BIND,
     BIND_SWALLOW,
@@ -78,8 +76,6 @@ __all__ = [
     "RouteContext",
     "session_class",
 ]
-
-log = logging.getLogger("sluice.sidecar")
 
 PROTOCOL_VIOLATION = "08P01"
 
@@ -531,24 +527,15 @@ class PgSession(PgDeciding):
 # instructions per transaction. Used only when built from this very file (not older than
 # it), so an edit never runs stale code: it runs pure Python until rebuilt (`make install`).
 COMPILED_MODULE = "sidecar._pg_session_c"
-PURE_ENV = "SLUICE_PURE_PYTHON"  # set (non-empty): always the pure Python class
+PURE_ENV = builds.PURE_ENV  # set (non-empty): always the pure Python class
 
 
 def session_class() -> type[PgSession]:
     """The PgSession class the driver uses: the compiled build when it is current."""
-    if _COMPILED or os.environ.get(PURE_ENV):
+    if _COMPILED:
         return PgSession
-    try:
-        module = importlib.import_module(COMPILED_MODULE)
-    except ImportError:
-        return PgSession
-    built = module.__file__
-    if built is None or os.path.getmtime(built) < os.path.getmtime(__file__):
-        log.warning(
-            "%s is older than %s: using the pure Python session (run `make install` to rebuild it)",
-            built,
-            __file__,
-        )
+    module = builds.current(__file__, COMPILED_MODULE)
+    if module is None:
         return PgSession
     compiled: type[PgSession] = module.PgSession
     return compiled

@@ -36,6 +36,7 @@ from policies.decider import SqlDecider
 from policies.engine import Engine
 from policies.http_decider import HttpDecider
 from policies.sql.inspect import MYSQL, POSTGRES
+from sidecar import mysql_session, pg_session
 from sidecar.audit import AuditSink, JsonlSink, MemorySink, TeeSink
 from sidecar.catalog import Registration, ServiceWatch, consul_client, route_entry
 from sidecar.config import Route, SidecarConfig, UpstreamTls
@@ -43,7 +44,7 @@ from sidecar.control import ControlClient, RouteInfo
 from sidecar.http_session import HttpRouteContext, HttpSession
 from sidecar.limits import Limiter
 from sidecar.mysql_session import MySqlSession
-from sidecar.pg_session import PgSession, RouteContext, session_class
+from sidecar.pg_session import PgSession, RouteContext
 from sidecar.policy_watch import PolicyWatcher
 from sidecar.protocols import mysql as my
 from sidecar.protocols import postgres as pg
@@ -69,8 +70,10 @@ CATALOG_WAIT = 5.0
 REPLAY_LIMIT = 64 * 1024
 
 
-# The compiled build of the PostgreSQL session when it is current (sidecar/pg_session.py).
-_PG_SESSION = session_class()
+# The compiled builds of the sessions when they are current (sidecar/pg_session.py; the
+# MySQL session over the compiled sidecar/mysql_responses.py).
+_PG_SESSION = pg_session.session_class()
+_MYSQL_SESSION = mysql_session.session_class()
 
 
 def install_uvloop() -> bool:
@@ -402,7 +405,7 @@ class ClientSide(asyncio.Protocol):
             self.session = HttpSession(ctx, session_id)
         elif rt.route.protocol == "mysql":
             route = rt.route
-            self.session = MySqlSession(
+            self.session = _MYSQL_SESSION(
                 ctx, session_id, route.tls.mode, route.upstream_label, lambda: _mysql_tls(self)
             )
         else:

@@ -16,12 +16,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import psycopg
 import pytest
 import uvloop
 
-from sidecar import pg_session
+from sidecar import builds, mysql_responses, mysql_session, pg_session
 from sidecar.audit import AuditEvent, MemorySink
 from sidecar.config import AuditConfig, HttpTimeouts, Route, SidecarConfig, UpstreamTls
 from sidecar.server import Sidecar
@@ -267,20 +268,37 @@ def sidecar_process(tmp_path: Path) -> Iterator[Callable[[str], SidecarProcess]]
         sp.stop()
 
 
+def compiled_build(name: str) -> ModuleType:
+    """The compiled module `name` (setup.py), for the tests of both builds. `make install`
+    builds it; without it those cases fail (a silent fallback would test one build only),
+    unless SLUICE_PURE_PYTHON is set, which skips them."""
+    if os.environ.get(builds.PURE_ENV):
+        pytest.skip(f"{builds.PURE_ENV} is set: pure Python only")
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        pytest.fail(f"{name} is not built ({exc}): run `make install`")
+
+
 @pytest.fixture(params=["pure", "compiled"])
 def pg_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> type:
     """Each build of the PostgreSQL session in turn as the test module's `PgSession`: the
-    pure Python class and its Cython build (sidecar/pg_session.py, setup.py). `make install`
-    builds the latter; without it these cases fail (a silent fallback would test one build
-    only), unless SLUICE_PURE_PYTHON is set, which skips them."""
+    pure Python class and its Cython build (sidecar/pg_session.py, setup.py)."""
     cls: type = pg_session.PgSession
     if request.param == "compiled":
-        if os.environ.get(pg_session.PURE_ENV):
-            pytest.skip(f"{pg_session.PURE_ENV} is set: the pure Python session only")
-        try:
-            module = importlib.import_module(pg_session.COMPILED_MODULE)
-        except ImportError as exc:
-            pytest.fail(f"the compiled session is not built ({exc}): run `make install`")
-        cls = module.PgSession
+        cls = compiled_build(pg_session.COMPILED_MODULE).PgSession
     monkeypatch.setattr(request.module, "PgSession", cls)
+    return cls
+
+
+@pytest.fixture(params=["pure", "compiled"])
+def mysql_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> type:
+    """Each build of the MySQL session in turn as the test module's `MySqlSession`: the pure
+    Python class and the class the driver uses with the compiled response FIFO
+    (sidecar/mysql_responses.py, setup.py)."""
+    cls: type = mysql_session.MySqlSession
+    if request.param == "compiled":
+        module = compiled_build(mysql_responses.COMPILED_MODULE)
+        cls = mysql_session.over_responses(module.Responses)
+    monkeypatch.setattr(request.module, "MySqlSession", cls)
     return cls

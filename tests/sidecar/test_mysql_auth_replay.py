@@ -26,6 +26,10 @@ from sidecar.mysql_session import MySqlSession
 from sidecar.protocols import mysql as my
 from tests.sidecar.test_mysql_replay import context
 
+# Every case runs against the pure Python session and the one over the compiled response
+# FIFO (conftest.mysql_build).
+pytestmark = pytest.mark.usefixtures("mysql_build")
+
 NONCE = bytes(range(0x21, 0x21 + 20))  # the greeting's 20 bytes (never NUL)
 OTHER_NONCE = bytes(range(0x41, 0x41 + 20))  # an AuthSwitchRequest's
 PASSWORD = b"s3cret-pw"

@@ -23,6 +23,10 @@ from sidecar.pg_session import RouteContext
 from sidecar.protocols import mysql as my
 
 CAPTURE = Path(__file__).parent / "captures" / "mysql_pymysql.json"
+
+# Every case runs against the pure Python session and the one over the compiled response
+# FIFO (conftest.mysql_build).
+pytestmark = pytest.mark.usefixtures("mysql_build")
 POLICY = """\
 apiVersion: sluice/v1
 kind: Policy

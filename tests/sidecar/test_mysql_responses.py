@@ -20,6 +20,10 @@ from sidecar.mysql_session import MySqlSession
 from sidecar.protocols import mysql as my
 from tests.sidecar.test_mysql_replay import capture, context, pieces
 
+# Every case runs against the pure Python session and the one over the compiled response
+# FIFO (conftest.mysql_build).
+pytestmark = pytest.mark.usefixtures("mysql_build")
+
 COLUMN = b"\x03def\x00\x00\x00\x01c\x00\x0c\x3f\x00\x78\x00\x00\x00\xfe\x00\x00\x00\x00"
 OK_STATUS = 0x0002  # SERVER_STATUS_AUTOCOMMIT
 NBE = my.SERVER_STATUS_NO_BACKSLASH_ESCAPES

@@ -1,53 +1,111 @@
-"""Which build of the PostgreSQL session the sidecar runs: the Cython build of
-sidecar/pg_session.py when it is current, the pure Python class otherwise (never stale code)."""
+"""Which build of a session the sidecar runs (sidecar/builds.py): the Cython build of
+sidecar/pg_session.py, and the MySQL session over the Cython build of
+sidecar/mysql_responses.py, when they are current; the pure Python classes otherwise (never
+stale code)."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from sidecar import pg_session, server
-
-
-def compiled_module() -> object:
-    if os.environ.get(pg_session.PURE_ENV):
-        pytest.skip(f"{pg_session.PURE_ENV} is set: the pure Python session only")
-    try:
-        return importlib.import_module(pg_session.COMPILED_MODULE)
-    except ImportError as exc:
-        pytest.fail(f"the compiled session is not built ({exc}): run `make install`")
+from sidecar import builds, mysql_responses, mysql_session, pg_session, server
+from tests.sidecar.conftest import compiled_build
 
 
 def test_the_driver_runs_the_compiled_build() -> None:
-    module = compiled_module()
-    assert server._PG_SESSION is module.PgSession  # type: ignore[attr-defined]
+    module = compiled_build(pg_session.COMPILED_MODULE)
+    assert server._PG_SESSION is module.PgSession
     assert server._PG_SESSION is not pg_session.PgSession
     assert server._PG_SESSION.__module__ == pg_session.COMPILED_MODULE
+
+
+def test_the_driver_runs_the_mysql_session_over_the_compiled_responses() -> None:
+    module = compiled_build(mysql_responses.COMPILED_MODULE)
+    cls = server._MYSQL_SESSION
+    assert cls is mysql_session.over_responses(module.Responses)
+    assert issubclass(cls, mysql_session.MySqlSession) and cls is not mysql_session.MySqlSession
+    assert cls.__module__ == mysql_responses.COMPILED_MODULE
+    # The response FIFO's methods are the compiled ones; the session's and the handshake's
+    # (hooks included) are not replaced.
+    assert cls.responses is module.Responses.responses
+    assert cls._packet is module.Responses._packet
+    for hook in ("record", "server_status", "auth_more", "auth_done", "remember_prepared"):
+        assert getattr(cls, hook) is getattr(mysql_session.MySqlSession, hook)
+    assert "_fail" not in vars(cls) and "__init__" not in vars(cls)
+    # The entry the session's fast path queues is the one the compiled loop looks for.
+    assert module.PLAIN_RESULT is mysql_responses.PLAIN_RESULT
+
+
+def _stale_then_current(
+    module: ModuleType,
+    source: ModuleType,
+    choose: Callable[[], type],
+    compiled: type,
+    pure: type,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    built = Path(module.__file__ or "")
+    edited = tmp_path / Path(source.__file__ or "").name  # the source, edited after the build
+    edited.write_text("# edited\n")
+    later = built.stat().st_mtime + 60
+    os.utime(edited, (later, later))
+    monkeypatch.setattr(source, "__file__", str(edited))
+    with caplog.at_level(logging.WARNING, logger="sluice.sidecar"):
+        assert choose() is pure
+    assert "make install" in caplog.text and "pure Python" in caplog.text
+    # The same build, current again: used.
+    os.utime(edited, (time.time() - 3600, built.stat().st_mtime - 1))
+    assert choose() is compiled
 
 
 def test_a_build_older_than_its_source_is_not_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    module = compiled_module()
-    built = Path(module.__file__)  # type: ignore[attr-defined]
-    edited = tmp_path / "pg_session.py"  # stands for the source, edited after the build
-    edited.write_text("# edited\n")
-    later = built.stat().st_mtime + 60
-    os.utime(edited, (later, later))
-    monkeypatch.setattr(pg_session, "__file__", str(edited))
-    with caplog.at_level(logging.WARNING, logger="sluice.sidecar"):
-        assert pg_session.session_class() is pg_session.PgSession
-    assert "make install" in caplog.text and "pure Python" in caplog.text
-    # The same build, current again: used.
-    os.utime(edited, (time.time() - 3600, built.stat().st_mtime - 1))
-    assert pg_session.session_class() is module.PgSession  # type: ignore[attr-defined]
+    module = compiled_build(pg_session.COMPILED_MODULE)
+    _stale_then_current(
+        module,
+        pg_session,
+        pg_session.session_class,
+        module.PgSession,
+        pg_session.PgSession,
+        tmp_path,
+        monkeypatch,
+        caplog,
+    )
+
+
+def test_a_mysql_responses_build_older_than_its_source_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    module = compiled_build(mysql_responses.COMPILED_MODULE)
+    _stale_then_current(
+        module,
+        mysql_responses,
+        mysql_session.session_class,
+        mysql_session.over_responses(module.Responses),
+        mysql_session.MySqlSession,
+        tmp_path,
+        monkeypatch,
+        caplog,
+    )
+
+
+def test_a_missing_build_means_pure_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mysql_responses, "COMPILED_MODULE", "sidecar._not_built_c")
+    assert mysql_session.session_class() is mysql_session.MySqlSession
+    assert builds.current(mysql_responses.__file__, "sidecar._not_built_c") is None
 
 
 def test_the_environment_can_ask_for_pure_python(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(pg_session.PURE_ENV, "1")
+    monkeypatch.setenv(builds.PURE_ENV, "1")
+    assert pg_session.PURE_ENV == builds.PURE_ENV
     assert pg_session.session_class() is pg_session.PgSession
+    assert mysql_session.session_class() is mysql_session.MySqlSession
