@@ -80,7 +80,6 @@ ER_USER_LIMIT_REACHED = 1226  # "has exceeded the ... resource": MySQL's own res
 ER_UNKNOWN_COM = 1047
 ER_NET_PACKETS_OUT_OF_ORDER = 1156
 ER_NOT_SUPPORTED = 1235
-CR_CONN_HOST_ERROR = 2003  # the client library's "Can't connect to MySQL server"
 # "Bad handshake" (08S01): the TLS errors' code. Not 2026 (CR_SSL_CONNECTION_ERROR):
 # libmariadb takes an error code from 2000 to 2999 sent by a server for a malformed packet.
 ER_HANDSHAKE_ERROR = 1043
