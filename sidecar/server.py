@@ -5,7 +5,7 @@ Protocols around it: bytes in, `session.client_data`/`server_data`, bytes out. N
 runs per message. On uvloop when it is installed (the default), else on asyncio's loop.
 
 What the driver owns: connecting to the upstream (with a timeout, and TLS when configured:
-SSLRequest first, then the handshake, with libpq's sslmode names), telling the app when the
+`sidecar/upstream_tls.py`; MySQL's mid-handshake upgrade here), telling the app when the
 upstream is down (a FATAL 08006 naming the upstream), flow control in both directions,
 routing CancelRequests to the server that owns the key, reloading policies, and flushing the
 audit sink.
@@ -25,7 +25,6 @@ import logging
 import os
 import signal
 import ssl
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from policies.sql.inspect import MYSQL, POSTGRES
 from sidecar import mysql_session, pg_session
 from sidecar.audit import AuditSink, JsonlSink, MemorySink, TeeSink
 from sidecar.catalog import Registration, ServiceWatch, consul_client, route_entry
-from sidecar.config import Route, SidecarConfig, UpstreamTls
+from sidecar.config import Route, SidecarConfig
 from sidecar.control import ControlClient, RouteInfo
 from sidecar.http_session import HttpRouteContext, HttpSession
 from sidecar.limits import Limiter
@@ -51,12 +50,19 @@ from sidecar.protocols import postgres as pg
 from sidecar.quota import QuotaLimiter
 from sidecar.spool import Spool
 from sidecar.telemetry import Telemetry, wanted
+from sidecar.upstream_tls import (
+    TlsRefused,
+    connect_tls,
+    describe,
+    hp,
+    open_upstream,
+    tls_context,
+)
 from sidecar.upstreams import Instance, Picker
 
 log = logging.getLogger("sluice.sidecar")
 
 CONNECTION_FAILURE = "08006"
-_SSL_REQUEST = struct.pack("!ii", 8, pg.SSL_REQUEST)
 AUDIT_FLUSH_INTERVAL = 0.2
 # How often HTTP connections are checked for slow clients and idle keep-alives.
 HTTP_SWEEP_INTERVAL = 1.0
@@ -217,7 +223,7 @@ class Sidecar:
         for rt, (host, port) in zip(self.routes, self.addresses(all_routes=True), strict=True):
             out.append(
                 RouteInfo(
-                    rt.route.service, rt.route.protocol, _hp(host, port), rt.route.upstream_label
+                    rt.route.service, rt.route.protocol, hp(host, port), rt.route.upstream_label
                 )
             )
         return out
@@ -379,7 +385,7 @@ class Sidecar:
         route, address = known
         try:
             _reader, writer = await asyncio.wait_for(
-                _open_upstream(route, address), timeout=route.connect_timeout
+                open_upstream(route, address), timeout=route.connect_timeout
             )
             writer.write(packet)
             await writer.drain()
@@ -501,8 +507,7 @@ class ClientSide(asyncio.Protocol):
             result = await self._connect_to(route.upstream)
             if isinstance(result, str):
                 self._fail_upstream(
-                    f"cannot connect to upstream {route.service} at {_hp(*route.upstream)}: "
-                    f"{result}"
+                    f"cannot connect to upstream {route.service} at {hp(*route.upstream)}: {result}"
                 )
             elif result is not None:
                 self._use(result)
@@ -518,7 +523,7 @@ class ClientSide(asyncio.Protocol):
             if result is None:
                 return
             if not isinstance(result, str) and result.reset is not None:
-                result = f"reset on connect ({_describe(result.reset, route.connect_timeout)})"
+                result = f"reset on connect ({describe(result.reset, route.connect_timeout)})"
             if isinstance(result, str):
                 reason = f"{instance}: {result}"
                 picker.failed(instance, time.monotonic())
@@ -552,7 +557,7 @@ class ClientSide(asyncio.Protocol):
                         lambda: ServerSide(self),
                         host,
                         port,
-                        ssl=_tls_context(route.tls),
+                        ssl=tls_context(route.tls),
                         server_hostname=route.tls.server_name or host,
                     ),
                     timeout=route.connect_timeout,
@@ -564,11 +569,11 @@ class ClientSide(asyncio.Protocol):
                 )
             else:
                 proto = await asyncio.wait_for(
-                    _connect_tls(route, address, lambda: ServerSide(self)),
+                    connect_tls(route, address, lambda: ServerSide(self)),
                     timeout=route.connect_timeout,
                 )
-        except (OSError, TimeoutError, ssl.SSLError, _TlsRefused) as exc:
-            reason = _describe(exc, route.connect_timeout)
+        except (OSError, TimeoutError, ssl.SSLError, TlsRefused) as exc:
+            reason = describe(exc, route.connect_timeout)
             log.warning("upstream %s at %s:%d unreachable: %s", route.service, host, port, reason)
             return reason
         if self._closed:
@@ -609,7 +614,7 @@ class ClientSide(asyncio.Protocol):
                 "route %s: instance %s reset the connection (%s); ejected for %gs",
                 route.service,
                 instance,
-                _describe(exc, route.connect_timeout),
+                describe(exc, route.connect_timeout),
                 picker.service.eject_seconds,
             )
         opening = self._opening
@@ -703,87 +708,6 @@ class ServerSide(asyncio.Protocol):
             self.transport.close()
 
 
-class _TlsRefused(Exception):
-    pass
-
-
-def _tls_context(tls: UpstreamTls) -> ssl.SSLContext:
-    if tls.mode in ("verify-ca", "verify-full"):
-        context = ssl.create_default_context(cafile=tls.ca_file)
-        context.check_hostname = tls.mode == "verify-full"
-        return context
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # prefer/require: encrypt, no checks
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def _tls_accepted(answer: bytes, route: Route) -> bool:
-    """The server's answer to SSLRequest: True to start TLS, False to go on in plaintext.
-    Anything but exactly one byte is refused: bytes after the answer would have come from
-    outside the TLS session (CVE-2021-23222)."""
-    if answer == b"S":
-        return True
-    if answer == b"N" and route.tls.mode == "prefer":
-        return False
-    raise _TlsRefused(
-        f"the server does not accept TLS (answered {answer[:16]!r}; tls mode {route.tls.mode})"
-    )
-
-
-async def _negotiate_tls(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, route: Route
-) -> bool:
-    writer.write(_SSL_REQUEST)
-    await writer.drain()
-    try:
-        answer = await reader.readexactly(1)
-    except asyncio.IncompleteReadError:
-        raise _TlsRefused("the server closed the connection during TLS negotiation") from None
-    return _tls_accepted(answer, route)
-
-
-class _TlsAnswer(asyncio.Protocol):
-    """Waits for the server's answer to SSLRequest. A plain Protocol, not a StreamWriter:
-    a StreamWriter that is garbage-collected closes its transport, which here lives on."""
-
-    def __init__(self) -> None:
-        self.answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-
-    def data_received(self, data: bytes) -> None:
-        if not self.answer.done():
-            self.answer.set_result(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.answer.done():
-            self.answer.set_exception(
-                _TlsRefused("the server closed the connection during TLS negotiation")
-            )
-
-
-async def _connect_tls(
-    route: Route, address: tuple[str, int], factory: Callable[[], ServerSide]
-) -> ServerSide:
-    loop = asyncio.get_running_loop()
-    transport, negotiation = await loop.create_connection(_TlsAnswer, *address)
-    try:
-        transport.write(_SSL_REQUEST)
-        if _tls_accepted(await negotiation.answer, route):
-            server_name = route.tls.server_name or address[0]
-            new = await loop.start_tls(
-                transport, negotiation, _tls_context(route.tls), server_hostname=server_name
-            )
-            assert new is not None
-            transport = new
-    except BaseException:  # refused, a failed handshake, or the connect timeout
-        transport.close()
-        raise
-    proto = factory()
-    transport.set_protocol(proto)
-    proto.connection_made(transport)
-    return proto
-
-
 _UPGRADES: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
 
@@ -825,7 +749,7 @@ async def _upgrade_mysql(side: ClientSide) -> None:
             asyncio.get_running_loop().start_tls(
                 up.transport,
                 _TlsStarting(up),
-                _tls_context(route.tls),
+                tls_context(route.tls),
                 server_hostname=route.tls.server_name or host,
             ),
             timeout=route.connect_timeout,
@@ -834,8 +758,8 @@ async def _upgrade_mysql(side: ClientSide) -> None:
         if isinstance(exc, ssl.SSLCertVerificationError):
             reason = f"certificate verify failed: {exc.verify_message}"
         else:
-            reason = _describe(exc, route.connect_timeout)
-        text = f"TLS to upstream {route.service} at {_hp(*side._address)} failed: {reason}"
+            reason = describe(exc, route.connect_timeout)
+        text = f"TLS to upstream {route.service} at {hp(*side._address)} failed: {reason}"
         log.warning("%s", text)
         if not side._closed:
             session.tls_failed(text)
@@ -849,32 +773,6 @@ async def _upgrade_mysql(side: ClientSide) -> None:
         return
     session.tls_started()
     side.pump()
-
-
-async def _open_upstream(
-    route: Route, address: tuple[str, int]
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection(*address)
-    try:
-        if route.tls.mode != "disable" and await _negotiate_tls(reader, writer, route):
-            server_name = route.tls.server_name or address[0]
-            await writer.start_tls(_tls_context(route.tls), server_hostname=server_name)
-    except BaseException:
-        writer.close()
-        raise
-    return reader, writer
-
-
-def _hp(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _describe(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, TimeoutError):
-        return f"no answer within {timeout:g}s"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
 
 
 async def run(config: SidecarConfig, ready: asyncio.Event | None = None) -> None:
