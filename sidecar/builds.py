@@ -2,17 +2,21 @@
 
 Some hot modules (`sidecar/pg_session.py`, `sidecar/mysql_responses.py`) stay one pure Python
 source, and Cython compiles the same file into a second module at install (setup.py). A
-build is used only when it is importable and its file is not older than the source, so an
-edited source is never shadowed by a stale build (a stale build would enforce yesterday's
-rules); until `make install` rebuilds it, the sidecar runs pure Python and logs a warning
-saying so. docs/decisions/0013-compiled-pg-session.md.
+build is used only when it is importable and was built from the source as it is now (setup.py
+records each source's SHA-256 in the generated `sidecar/_built.py`), so an edited source is
+never shadowed by a stale build (a stale build would enforce yesterday's rules); until
+`make install` rebuilds it, the sidecar runs pure Python and logs a warning saying so.
+Content, not file times: a wheel's files all get the time they were unpacked.
+docs/decisions/0013-compiled-pg-session.md.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
+from pathlib import Path
 from types import ModuleType
 
 log = logging.getLogger("sluice.sidecar")
@@ -21,20 +25,37 @@ PURE_ENV = "SLUICE_PURE_PYTHON"  # set (non-empty): always the pure Python class
 
 
 def current(source: str, compiled_module: str) -> ModuleType | None:
-    """The compiled build `compiled_module` of the file `source` when it is wanted, built
-    and not older than `source`; None: use the pure Python module."""
+    """The compiled build `compiled_module` of the file `source` when it is wanted, built,
+    and built from `source` as it is now; None: use the pure Python module."""
     if os.environ.get(PURE_ENV):
         return None
     try:
         module = importlib.import_module(compiled_module)
     except ImportError:  # not built (no Cython or no compiler at install): pure Python
         return None
-    built = module.__file__
-    if built is None or os.path.getmtime(built) < os.path.getmtime(source):
+    if built_from(compiled_module) != sha256(source):
         log.warning(
-            "%s is older than %s: using the pure Python session (run `make install` to rebuild it)",
-            built,
+            "%s was built from another %s: using the pure Python session (run `make install` "
+            "to rebuild it)",
+            module.__file__,
             source,
         )
         return None
     return module
+
+
+def built_from(compiled_module: str) -> str | None:
+    """The SHA-256 of the source `compiled_module` was built from, as setup.py recorded it."""
+    try:
+        from sidecar import _built  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return None
+    recorded: dict[str, str] = getattr(_built, "SOURCE_SHA256", {})
+    return recorded.get(compiled_module)
+
+
+def sha256(path: str) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None

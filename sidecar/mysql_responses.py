@@ -70,7 +70,7 @@ PLAIN_RESULT = Expected(RESULT)
 if _COMPILED:  # the session (pure Python) appends the pure module's entry: it is the same one
     PLAIN_RESULT = importlib.import_module("sidecar.mysql_responses").PLAIN_RESULT
 
-# The compiled build of this file (setup.py), used when it is not older than this file.
+# The compiled build of this file (setup.py), used when built from this very text.
 COMPILED_MODULE = "sidecar._mysql_responses_c"
 
 

@@ -524,8 +524,8 @@ class PgSession(PgDeciding):
 
 # The same source compiled by Cython (setup.py builds it as `sidecar._pg_session_c` at
 # install): the framing loops with C integers and direct byte access, about half the
-# instructions per transaction. Used only when built from this very file (not older than
-# it), so an edit never runs stale code: it runs pure Python until rebuilt (`make install`).
+# instructions per transaction. Used only when built from this very text (its SHA-256,
+# sidecar/builds.py), so an edit never runs stale code: pure Python until `make install`.
 COMPILED_MODULE = "sidecar._pg_session_c"
 PURE_ENV = builds.PURE_ENV  # set (non-empty): always the pure Python class
 
