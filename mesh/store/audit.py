@@ -23,6 +23,9 @@ from typing import Any
 
 from mesh.store.db import Database
 
+# Compact JSON with one encoder (json.dumps with separators builds a new one each call).
+_COMPACT = json.JSONEncoder(separators=(",", ":")).encode
+
 MAX_LIMIT = 1000
 EXPORT_PAGE = 1000
 # Retention deletes this many events per transaction, so ingest is never held up for long.
@@ -228,7 +231,7 @@ def _text(value: str, where: str) -> str:
 
 
 def encode_cursor(t: float, event_id: str) -> str:
-    raw = json.dumps([t, event_id], separators=(",", ":")).encode()
+    raw = _COMPACT([t, event_id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -370,11 +373,7 @@ def _fields(filt: AuditFilter) -> dict[str, Any]:
 def _row(e: dict[str, Any], received: float) -> tuple[object, ...]:
     return (
         *(
-            json.dumps(e[n], separators=(",", ":"))
-            if n in _LIST_FIELDS
-            else int(e[n])
-            if n == "enforced"
-            else e[n]
+            _COMPACT(e[n]) if n in _LIST_FIELDS else int(e[n]) if n == "enforced" else e[n]
             for n in NAMES
         ),
         received,
