@@ -786,7 +786,16 @@ async def run(config: SidecarConfig, ready: asyncio.Event | None = None) -> None
             loop.add_signal_handler(sig, stop.set)
     if ready is not None:
         ready.set()
-    log.info("sidecar ready (pid %d); Ctrl-C stops it", os.getpid())
+    log.info("sidecar ready (pid %d, %s); Ctrl-C stops it", os.getpid(), builds_in_use())
     await stop.wait()
     log.info("stopping")
     await sidecar.stop()
+
+
+def builds_in_use() -> str:
+    """Which builds of the compiled modules the sessions run (docs/decisions/0013)."""
+
+    def which(cls: type) -> str:
+        return "compiled" if cls.__module__.endswith("_c") else "pure Python"
+
+    return f"PostgreSQL session {which(_PG_SESSION)}, MySQL responses {which(_MYSQL_SESSION)}"

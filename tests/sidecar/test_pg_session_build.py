@@ -108,3 +108,9 @@ def test_the_environment_can_ask_for_pure_python(monkeypatch: pytest.MonkeyPatch
     assert pg_session.PURE_ENV == builds.PURE_ENV
     assert pg_session.session_class() is pg_session.PgSession
     assert mysql_session.session_class() is mysql_session.MySqlSession
+
+
+def test_the_ready_line_names_the_builds_in_use() -> None:
+    compiled_build(pg_session.COMPILED_MODULE)
+    compiled_build(mysql_responses.COMPILED_MODULE)
+    assert server.builds_in_use() == "PostgreSQL session compiled, MySQL responses compiled"
