@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 import struct
-from collections.abc import Iterator
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -24,6 +23,7 @@ from pymysql import _auth
 from sidecar import mysql_handshake
 from sidecar.mysql_session import MySqlSession
 from sidecar.protocols import mysql as my
+from tests.sidecar.splits import HOWS, pieces
 from tests.sidecar.test_mysql_replay import context
 
 # Every case runs against the pure Python session and the one over the compiled response
@@ -116,25 +116,13 @@ class Script:
     def _start_tls(self) -> None:
         self.starts += 1
 
-    def _pieces(self, data: bytes) -> Iterator[bytes]:
-        if self.how == "whole":
-            yield data
-        elif self.how == "bytes":
-            yield from (data[i : i + 1] for i in range(len(data)))
-        else:
-            pos = 0
-            while pos < len(data):
-                n = self.rng.randint(1, 30)
-                yield data[pos : pos + n]
-                pos += n
-
     def server(self, data: bytes) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
-        for piece in self._pieces(data):
+        for piece in pieces(data, self.how, self.rng, 30):
             self.s.server_data(piece)
         return self._taken()
 
     def app(self, data: bytes) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
-        for piece in self._pieces(data):
+        for piece in pieces(data, self.how, self.rng, 30):
             self.s.client_data(piece)
         return self._taken()
 
@@ -154,9 +142,6 @@ def server_key() -> bytes:
     )
 
 
-HOW = ["whole", "bytes", "random"]
-
-
 def query(sql: str) -> bytes:
     return my.packets(b"\x03" + sql.encode(), 0)
 
@@ -174,7 +159,7 @@ def assert_commands_work(sc: Script) -> None:
 # -- plaintext to the server: everything passes through -----------------------------------
 
 
-@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("how", HOWS)
 def test_plaintext_full_authentication_with_the_servers_key_passes_through(how: str) -> None:
     pem = server_key()
     sc = Script(how)
@@ -192,7 +177,7 @@ def test_plaintext_full_authentication_with_the_servers_key_passes_through(how: 
     assert_commands_work(sc)
 
 
-@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("how", HOWS)
 def test_plaintext_fast_path_passes_through(how: str) -> None:
     sc = Script(how)
     sc.server(greeting())
@@ -239,7 +224,7 @@ def tls_handshake(sc: Script, first: bytes) -> None:
     assert up == [(2, my.with_ssl(first))] and down == []
 
 
-@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("how", HOWS)
 def test_tls_full_authentication_the_sidecar_answers_the_key_request(how: str) -> None:
     sc = Script(how, "verify-full")
     tls_handshake(sc, hello(_auth.scramble_caching_sha2(PASSWORD, NONCE)))
@@ -257,7 +242,7 @@ def test_tls_full_authentication_the_sidecar_answers_the_key_request(how: str) -
     assert_commands_work(sc)
 
 
-@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("how", HOWS)
 def test_tls_fast_path_and_errors_are_renumbered(how: str) -> None:
     sc = Script(how, "require")
     tls_handshake(sc, hello(_auth.scramble_caching_sha2(PASSWORD, NONCE)))
@@ -271,7 +256,7 @@ def test_tls_fast_path_and_errors_are_renumbered(how: str) -> None:
     assert sc.server(my.packets(err, 3)) == ([], [(2, err)])
 
 
-@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("how", HOWS)
 def test_tls_auth_switch_to_caching_sha2_uses_the_new_nonce(how: str) -> None:
     sc = Script(how, "require")
     native = hello(_auth.scramble_native_password(PASSWORD, NONCE), "mysql_native_password")

@@ -21,6 +21,7 @@ from sidecar.limits import Limiter
 from sidecar.mysql_session import MySqlSession
 from sidecar.pg_session import RouteContext
 from sidecar.protocols import mysql as my
+from tests.sidecar.splits import HOWS, pieces
 
 CAPTURE = Path(__file__).parent / "captures" / "mysql_pymysql.json"
 
@@ -58,25 +59,12 @@ def capture() -> list[tuple[str, bytes]]:
     return [(d, bytes.fromhex(h)) for d, h in json.loads(CAPTURE.read_text())]
 
 
-def pieces(data: bytes, how: str, rng: random.Random) -> list[bytes]:
-    if how == "whole":
-        return [data]
-    if how == "bytes":
-        return [data[i : i + 1] for i in range(len(data))]
-    out, pos = [], 0
-    while pos < len(data):
-        n = rng.randint(1, 40)
-        out.append(data[pos : pos + n])
-        pos += n
-    return out
-
-
 def replay(how: str) -> tuple[bytes, bytes, MySqlSession]:
     s = MySqlSession(context(), "t-1")
     rng = random.Random(7)
     to_server, to_client = bytearray(), bytearray()
     for direction, data in capture():
-        for piece in pieces(data, how, rng):
+        for piece in pieces(data, how, rng, 40):
             if direction == "c":
                 s.client_data(piece)
             else:
@@ -88,7 +76,7 @@ def replay(how: str) -> tuple[bytes, bytes, MySqlSession]:
     return bytes(to_server), bytes(to_client), s
 
 
-@pytest.mark.parametrize("how", ["whole", "bytes", "random"])
+@pytest.mark.parametrize("how", HOWS)
 def test_capture_replays_unchanged_but_for_the_greeting(how: str) -> None:
     to_server, to_client, s = replay(how)
     events = capture()

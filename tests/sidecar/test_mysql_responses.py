@@ -18,7 +18,8 @@ from policies.loader import load_texts
 from sidecar.audit import MemorySink
 from sidecar.mysql_session import MySqlSession
 from sidecar.protocols import mysql as my
-from tests.sidecar.test_mysql_replay import capture, context, pieces
+from tests.sidecar.splits import pieces
+from tests.sidecar.test_mysql_replay import capture, context
 
 # Every case runs against the pure Python session and the one over the compiled response
 # FIFO (conftest.mysql_build).
@@ -109,7 +110,7 @@ def play(
     rng = random.Random(seed)
     to_client, to_server = bytearray(), bytearray()
     for direction, data in script:
-        for piece in pieces(data, how, rng):
+        for piece in pieces(data, how, rng, 40):
             (s.client_data if direction == "c" else s.server_data)(piece)
             to_client += s.to_client
             to_server += s.to_server
@@ -190,7 +191,7 @@ def test_responses_pass_unchanged_with_rows_and_errors_audited(
 def test_one_byte_at_a_time(deprecate_eof: bool) -> None:
     script, expected = conversation(deprecate_eof, big=False)
     s = session(deprecate_eof)
-    to_client, _ = play(s, script, "bytes")
+    to_client, _ = play(s, script, "bytewise")
     assert to_client == b"".join(d for direction, d in script if direction == "s")
     assert audit(s) == expected and not s.pending
 

@@ -47,6 +47,7 @@ from sidecar.pg_session import PgSession, RouteContext
 from sidecar.policy_watch import PolicyWatcher
 from sidecar.protocols import postgres as pg
 from tests.sidecar.conftest import PG_HOST, PG_PORT, PG_USER
+from tests.sidecar.splits import pieces
 
 POLICY = textwrap.dedent(
     """\
@@ -335,19 +336,6 @@ def context_like(sc: Any) -> RouteContext:
     )
 
 
-def pieces(data: bytes, how: str, rng: random.Random) -> list[bytes]:
-    if how == "whole":
-        return [data]
-    if how == "bytewise":
-        return [data[i : i + 1] for i in range(len(data))]
-    out, pos = [], 0
-    while pos < len(data):
-        n = rng.randint(1, 64)
-        out.append(data[pos : pos + n])
-        pos += n
-    return out
-
-
 def replay(
     ctx: RouteContext, session_id: str, inputs: list[tuple[str, bytes]], how: str
 ) -> Replayed:
@@ -356,7 +344,7 @@ def replay(
     rng = random.Random(f"{session_id}-{how}")
     for side, data in inputs:
         feed = session.client_data if side == "c" else session.server_data
-        for piece in pieces(data, how, rng):
+        for piece in pieces(data, how, rng, 64):
             feed(piece)  # any exception fails the test: a session never raises
             to_server += session.to_server
             to_client += session.to_client

@@ -20,6 +20,7 @@ from sidecar.audit import MemorySink
 from sidecar.limits import Limiter
 from sidecar.pg_session import PgSession, RouteContext
 from sidecar.protocols import postgres as pg
+from tests.sidecar.splits import HOWS, pieces
 
 POLICY = textwrap.dedent(
     """\
@@ -114,19 +115,6 @@ def exchange(session: PgSession, client: bytes, server: bytes = b"") -> tuple[by
     return sent, shown
 
 
-def pieces(data: bytes, how: str, rng: random.Random) -> list[bytes]:
-    if how == "whole":
-        return [data]
-    if how == "bytewise":
-        return [data[i : i + 1] for i in range(len(data))]
-    out, pos = [], 0
-    while pos < len(data):
-        n = rng.randint(1, 16)
-        out.append(data[pos : pos + n])
-        pos += n
-    return out
-
-
 def pgbench_like() -> list[tuple[str, bytes]]:
     """Transactions as pgbench -S sends them with -M extended (re-Parse of the unnamed
     statement each time) and -M prepared (Parse once, then Bind by name)."""
@@ -144,7 +132,7 @@ def pgbench_like() -> list[tuple[str, bytes]]:
     return script
 
 
-@pytest.mark.parametrize("how", ["whole", "bytewise", "random"])
+@pytest.mark.parametrize("how", HOWS)
 def test_repeated_transactions_pass_through_byte_for_byte(how: str) -> None:
     script = pgbench_like()
     ctx = context()
@@ -153,7 +141,7 @@ def test_repeated_transactions_pass_through_byte_for_byte(how: str) -> None:
     sent, shown = bytearray(), bytearray()
     for side, data in script:
         feed = session.client_data if side == "c" else session.server_data
-        for piece in pieces(data, how, rng):
+        for piece in pieces(data, how, rng, 16):
             feed(piece)
             sent += session.to_server
             shown += session.to_client
