@@ -169,15 +169,11 @@ class PgSession(PgDeciding):
                 self._fail(f"invalid message from the client: {exc}")
             if self._phase == _STARTUP or self.closing is not None:
                 return
-        buf: bytes
-        if cin:  # the rest of a message that came in pieces
-            cin += data
-            if not pg.framable(cin, self.ctx.max_message):
-                return
-            buf = bytes(cin)
-            cin.clear()
-        else:  # the usual case: frame the read itself, keep only an incomplete tail
-            buf = data if type(data) is bytes else bytes(data)
+        # The usual case: frame the read itself, keep only an incomplete tail.
+        joined = pg.to_frame(cin, data, self.ctx.max_message)
+        if joined is None:
+            return
+        buf: bytes = joined
         size: cython.Py_ssize_t = len(buf)
         pos: cython.Py_ssize_t = 0  # bytes before `fwd` are dealt with; fwd..pos go on
         fwd: cython.Py_ssize_t = 0  # unchanged
@@ -382,15 +378,10 @@ class PgSession(PgDeciding):
 
     def server_data(self, data: bytes | bytearray) -> None:
         sin = self._sin
-        buf: bytes
-        if sin:  # the rest of a message that came in pieces
-            sin += data
-            if not pg.framable(sin, self.ctx.max_message):
-                return
-            buf = bytes(sin)
-            sin.clear()
-        else:
-            buf = data if type(data) is bytes else bytes(data)
+        joined = pg.to_frame(sin, data, self.ctx.max_message)
+        if joined is None:
+            return
+        buf: bytes = joined
         size: cython.Py_ssize_t = len(buf)
         pos: cython.Py_ssize_t = 0  # bytes before `fwd` are dealt with; fwd..pos go on
         fwd: cython.Py_ssize_t = 0  # unchanged

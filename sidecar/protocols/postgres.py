@@ -64,13 +64,22 @@ def startup_params(packet: bytes | bytearray) -> dict[str, str]:
 unpack_header = struct.Struct("!Bi").unpack_from
 
 
-def framable(buf: bytes | bytearray, limit: int) -> bool:
-    """Whether a framing loop has work in `buf` (which starts at a message boundary): a
-    whole message, or a length field it will refuse. Else wait for more bytes."""
-    if len(buf) < 5:
-        return False
-    length: int = unpack_header(buf, 0)[1]
-    return length < 4 or length > limit or len(buf) > length
+def to_frame(kept: bytearray, data: bytes | bytearray, limit: int) -> bytes | None:
+    """What a framing loop frames next, as `bytes`: the read itself, or the message a
+    previous read cut (`kept`, which starts at a message boundary) joined with this one,
+    once the loop has work in it (a whole message, or a length field it will refuse).
+    None: `kept` took the read and waits for more."""
+    if not kept:
+        return data if type(data) is bytes else bytes(data)
+    kept += data
+    if len(kept) < 5:
+        return None
+    length: int = unpack_header(kept, 0)[1]
+    if 4 <= length <= limit and len(kept) <= length:
+        return None
+    buf = bytes(kept)
+    kept.clear()
+    return buf
 
 
 def bad_length(kind: int, length: int) -> ProtocolError:
