@@ -169,11 +169,14 @@ class PgSession(PgDeciding):
                 self._fail(f"invalid message from the client: {exc}")
             if self._phase == _STARTUP or self.closing is not None:
                 return
-        # The usual case: frame the read itself, keep only an incomplete tail.
-        joined = pg.to_frame(cin, data, self.ctx.max_message)
-        if joined is None:
-            return
-        buf: bytes = joined
+        buf: bytes
+        if cin:  # the rest of a message that came in pieces
+            joined = pg.joined(cin, data, self.ctx.max_message)
+            if joined is None:
+                return
+            buf = joined
+        else:  # the usual case: frame the read itself, keep only an incomplete tail
+            buf = data if type(data) is bytes else bytes(data)
         size: cython.Py_ssize_t = len(buf)
         pos: cython.Py_ssize_t = 0  # bytes before `fwd` are dealt with; fwd..pos go on
         fwd: cython.Py_ssize_t = 0  # unchanged
@@ -378,10 +381,14 @@ class PgSession(PgDeciding):
 
     def server_data(self, data: bytes | bytearray) -> None:
         sin = self._sin
-        joined = pg.to_frame(sin, data, self.ctx.max_message)
-        if joined is None:
-            return
-        buf: bytes = joined
+        buf: bytes
+        if sin:  # the rest of a message that came in pieces
+            joined = pg.joined(sin, data, self.ctx.max_message)
+            if joined is None:
+                return
+            buf = joined
+        else:
+            buf = data if type(data) is bytes else bytes(data)
         size: cython.Py_ssize_t = len(buf)
         pos: cython.Py_ssize_t = 0  # bytes before `fwd` are dealt with; fwd..pos go on
         fwd: cython.Py_ssize_t = 0  # unchanged

@@ -64,13 +64,10 @@ def startup_params(packet: bytes | bytearray) -> dict[str, str]:
 unpack_header = struct.Struct("!Bi").unpack_from
 
 
-def to_frame(kept: bytearray, data: bytes | bytearray, limit: int) -> bytes | None:
-    """What a framing loop frames next, as `bytes`: the read itself, or the message a
-    previous read cut (`kept`, which starts at a message boundary) joined with this one,
-    once the loop has work in it (a whole message, or a length field it will refuse).
-    None: `kept` took the read and waits for more."""
-    if not kept:
-        return data if type(data) is bytes else bytes(data)
+def joined(kept: bytearray, data: bytes | bytearray, limit: int) -> bytes | None:
+    """A message a previous read cut (`kept`, which starts at a message boundary) joined
+    with this read, as `bytes`, once a framing loop has work in it (a whole message, or a
+    length field it will refuse); None: `kept` took the read and waits for more."""
     kept += data
     if len(kept) < 5:
         return None
