@@ -6,12 +6,12 @@ STAMP := $(VENV)/.installed
 EXT_STAMP := build/.compiled
 # mitmproxy in a virtualenv of its own (docs/decisions/0010-mitmproxy-addon.md): 11.0.2, the
 # newest release for Python 3.11, pins h11<=0.14, which httpx/httpcore here cannot share.
-# Besides mitmproxy it gets only the pure dependencies of the addon's imports (policies/ and
+# Besides mitmproxy it gets only the dependencies of the addon's imports (policies/ and
 # sidecar/{mitm,audit,limits,policy_watch,protocols}), as pyproject.toml pins them, and the
 # repository itself without its dependencies.
 MITM_VENV := .venv-mitm
 MITM_STAMP := $(MITM_VENV)/.installed
-MITM_DEPS := mitmproxy==11.0.2 'PyYAML>=6.0' 'pglast>=8.8,<9' 'tzdata>=2024.1'
+MITM_DEPS := mitmproxy==11.0.2 'PyYAML>=6.0' 'pglast>=8.8,<9' 'tzdata>=2024.1' 'orjson>=3.9'
 
 .PHONY: install mitm check test bench bench-deps demo up clean
 

@@ -15,7 +15,9 @@ import operator
 import os
 import time
 from dataclasses import dataclass, fields
-from typing import IO, Protocol
+from typing import BinaryIO, Protocol
+
+import orjson
 
 log = logging.getLogger("sluice.audit")
 
@@ -24,8 +26,13 @@ FLUSH_EVERY = 256
 FLUSH_AFTER = 0.2
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AuditEvent:
+    """One decision, as the audit trail records it. Not frozen, though nothing changes an
+    event once made: a frozen dataclass sets each of its 27 fields through
+    `object.__setattr__`, which made building one cost 3 µs instead of 1, once per audited
+    statement on the data path."""
+
     id: str  # unique per event: "<instance>-<boot>-<seq>"
     time: float  # UNIX seconds when the statement arrived
     app: str
@@ -56,10 +63,20 @@ class AuditEvent:
     bytes_in: int | None = None  # request bytes from the app, head and body
     bytes_out: int | None = None  # response bytes to the app
 
+    def to_line(self) -> bytes:
+        """The event as one line of compact JSON (UTF-8, no newline): what the sinks write.
+
+        orjson encodes the dataclass directly in about 2 µs; the standard library's encoder
+        took 8, with a dict built first. Text orjson refuses (a lone surrogate, which no
+        decoder on the data path produces) falls back to the standard encoder, which
+        escapes it, so an event is never lost to its encoding."""
+        try:
+            return orjson.dumps(self)
+        except orjson.JSONEncodeError:
+            return _ENCODE(dict(zip(_FIELDS, _VALUES(self), strict=True))).encode()
+
     def to_json(self) -> str:
-        # Field by field: dataclasses.asdict deep-copies and costs several times more; one
-        # encoder for all (json.dumps with separators builds a new one each call: 40%).
-        return _ENCODE(dict(zip(_FIELDS, _VALUES(self), strict=True)))
+        return self.to_line().decode()
 
 
 _FIELDS = tuple(f.name for f in fields(AuditEvent))
@@ -83,14 +100,14 @@ class JsonlSink:
         self.path = path
         self.written = 0
         self.dropped = 0
-        self._buffer: list[str] = []
+        self._buffer: list[bytes] = []
         self._oldest = 0.0
-        self._file: IO[str] | None = None
+        self._file: BinaryIO | None = None
 
     def record(self, event: AuditEvent) -> None:
         if not self._buffer:
             self._oldest = time.monotonic()
-        self._buffer.append(event.to_json())
+        self._buffer.append(event.to_line())
         if len(self._buffer) >= FLUSH_EVERY or time.monotonic() - self._oldest > FLUSH_AFTER:
             self.flush()
 
@@ -100,8 +117,8 @@ class JsonlSink:
         lines, self._buffer = self._buffer, []
         try:
             if self._file is None:
-                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-            self._file.write("\n".join(lines) + "\n")
+                self._file = open(self.path, "ab")  # noqa: SIM115
+            self._file.write(b"\n".join(lines) + b"\n")
             self._file.flush()
             self.written += len(lines)
         except OSError as exc:

@@ -125,7 +125,7 @@ class Spool:
     # the data path (AuditSink)
 
     def record(self, event: AuditEvent) -> None:
-        line = event.to_json().encode()
+        line = event.to_line()
         size = len(line) + 1
         if self._closed or self._disk + self._buffered + size > self.max_bytes:
             self.dropped += 1

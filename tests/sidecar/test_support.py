@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import textwrap
@@ -120,6 +121,39 @@ def test_jsonl_sink_batches_and_survives_a_write_failure(tmp_path: Path) -> None
     broken.record(event(9))
     broken.flush()  # must not raise
     assert broken.dropped == 1 and broken.written == 0
+
+
+def test_audit_event_line_carries_every_field(tmp_path: Path) -> None:
+    full = audit_event(
+        "i-1",
+        1795720725.9388852,
+        rules=("p/r",),
+        rule="r",
+        statement="SELECT 'déjà' FROM t WHERE a = ?",
+        duration_ms=0.123,
+        rows=3,
+        error="42501",
+        would="reject",
+    )
+    line = full.to_line()
+    assert b"\n" not in line and "déjà".encode() in line  # UTF-8, not \u escapes
+    decoded = json.loads(line)
+    assert list(decoded) == [f.name for f in dataclasses.fields(AuditEvent)]
+    for name, value in decoded.items():
+        expected = getattr(full, name)
+        assert value == (list(expected) if isinstance(expected, tuple) else expected), name
+    assert full.to_json() == line.decode()
+
+
+def test_audit_event_with_a_lone_surrogate_is_still_written(tmp_path: Path) -> None:
+    # No decoder on the data path makes one, but an event must never be lost to encoding.
+    odd = event(1)
+    odd = dataclasses.replace(odd, statement="SELECT '\udcff'")
+    sink = JsonlSink(str(tmp_path / "audit.jsonl"))
+    sink.record(odd)
+    sink.close()
+    (line,) = (tmp_path / "audit.jsonl").read_text().splitlines()
+    assert json.loads(line)["statement"] == "SELECT '\udcff'" and sink.written == 1
 
 
 def ticket(on_exceed: OnExceed, max_delay: float = 0.0) -> LimitTicket:
