@@ -44,6 +44,8 @@ install: $(STAMP) $(EXT_STAMP)
 	command -v dig >/dev/null || (test "$$(id -u)" = 0 && apt-get update -q >/dev/null && apt-get install -y -q dnsutils) || true
 	@# nginx (a real origin), curl and wrk (real clients) for the HTTP sidecar tests; they skip without.
 	command -v wrk >/dev/null && test -x /usr/sbin/nginx && command -v curl >/dev/null || (test "$$(id -u)" = 0 && apt-get update -q >/dev/null && apt-get install -y -q nginx-light wrk curl) || true
+	@# sysbench (Debian) drives the MySQL sidecar in tests/sidecar/test_mysql_sysbench.py; skipped without.
+	command -v sysbench >/dev/null || (test "$$(id -u)" = 0 && apt-get update -q >/dev/null && apt-get install -y -q sysbench) || true
 	@# ip and iptables for `sluice run` (transparent interception) and its tests; they skip without.
 	command -v ip >/dev/null && command -v iptables-restore >/dev/null || (test "$$(id -u)" = 0 && apt-get update -q >/dev/null && apt-get install -y -q iproute2 iptables) || true
 
