@@ -22,11 +22,11 @@ $(STAMP): pyproject.toml setup.py
 	@mkdir -p build && touch $(EXT_STAMP)
 	touch $(STAMP)
 
-# sidecar/pg_session.py and sidecar/mysql_responses.py compiled by Cython (setup.py) into
-# sidecar/_pg_session_c*.so and sidecar/_mysql_responses_c*.so, rebuilt when a source changes;
-# until then the sidecar runs that pure Python code (never stale code:
-# docs/decisions/0013-compiled-pg-session.md).
-$(EXT_STAMP): sidecar/pg_session.py sidecar/mysql_responses.py | $(STAMP)
+# sidecar/pg_session.py, sidecar/mysql_responses.py and policies/sql/pg_fastshape.py compiled
+# by Cython (setup.py) into _pg_session_c*.so, _mysql_responses_c*.so and _pg_fastshape_c*.so
+# beside them, rebuilt when a source changes; until then the sidecar runs that pure Python
+# code (never stale code: docs/decisions/0013-compiled-pg-session.md).
+$(EXT_STAMP): sidecar/pg_session.py sidecar/mysql_responses.py policies/sql/pg_fastshape.py | $(STAMP)
 	$(BIN)/pip install -q --no-deps -e .
 	@mkdir -p build && touch $(EXT_STAMP)
 

@@ -1,11 +1,11 @@
-"""Build of the compiled modules: sidecar/pg_session.py and sidecar/mysql_responses.py
-through Cython.
+"""Build of the compiled modules: sidecar/pg_session.py, sidecar/mysql_responses.py and
+policies/sql/pg_fastshape.py through Cython.
 
-Each source stays importable as pure Python (`sidecar.pg_session`, `sidecar.mysql_responses`);
-its compiled build (`sidecar._pg_session_c`, `sidecar._mysql_responses_c`) is used when it was
-built from the source as it is now: this script records each source's SHA-256 in the
-generated `sidecar/_built.py`, and `sidecar.builds.current` compares
-(docs/decisions/0013-compiled-pg-session.md).
+Each source stays importable as pure Python (`sidecar.pg_session`, ...); its compiled build
+(`sidecar._pg_session_c`, `sidecar._mysql_responses_c`, `policies.sql._pg_fastshape_c`) is
+used when it was built from the source as it is now: this script records each source's
+SHA-256 in the generated `sidecar/_built.py`, and `sidecar.builds.current` compares
+(docs/decisions/0013-compiled-pg-session.md, 0014-fast-postgres-shapes.md).
 Without Cython or a C compiler the install goes on without them (`optional`): the sidecar then
 runs pure Python. Everything else about the package is in pyproject.toml.
 """
@@ -18,6 +18,7 @@ from setuptools import Extension, setup
 COMPILED = {
     "sidecar._pg_session_c": "sidecar/pg_session.py",
     "sidecar._mysql_responses_c": "sidecar/mysql_responses.py",
+    "policies.sql._pg_fastshape_c": "policies/sql/pg_fastshape.py",
 }
 
 # What each build is built from, beside it in the package (wheels too); not in git.

@@ -7,14 +7,18 @@ same minute (windows have minute granularity, so the decision cannot change insi
 
 Apps that inline constants (`WHERE aid = 41`, `WHERE aid = 42`, ...) send a new text each
 time. A second cache is keyed by the statement's *shape*: the text with its constants
-replaced (PostgreSQL: libpg_query's normaliser, `policies.sql.postgres.shape`; MySQL and
-MariaDB: `policies.sql.mysql_shape.shape`), used only where the inspection cannot depend on
-a constant's value and only for single statements. It is never a fingerprint: comments (in
+replaced (PostgreSQL: `fast_shape` when one is given, the compiled
+`policies.sql.pg_fastshape`, for the plain SELECT, INSERT, UPDATE and DELETE it accepts, else
+libpg_query's normaliser, `policies.sql.postgres.shape`; MySQL and MariaDB:
+`policies.sql.mysql_shape.shape`), used only where the inspection cannot depend on a
+constant's value and only for single statements. It is never a fingerprint: comments (in
 PostgreSQL; a MySQL text with a comment has no shape), identifiers and dollar-quoted code
 stay in the key, and so does the session state.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from policies.attributes import Peer
 from policies.engine import Decision, Engine
@@ -30,6 +34,7 @@ class SqlDecider:
         "_entries",
         "_shapes",
         "engine",
+        "fast_shape",
         "hits",
         "last_shape",
         "misses",
@@ -40,9 +45,18 @@ class SqlDecider:
     )
 
     def __init__(
-        self, engine: Engine, peer: Peer, state: SessionState, size: int = DEFAULT_CACHE_SIZE
+        self,
+        engine: Engine,
+        peer: Peer,
+        state: SessionState,
+        size: int = DEFAULT_CACHE_SIZE,
+        *,
+        fast_shape: Callable[[str], str | None] | None = None,
     ) -> None:
         self.engine = engine
+        # PostgreSQL: a cheaper shape tried before libpg_query's (its shapes start with NUL,
+        # so the two kinds never share an entry; policies/sql/pg_fastshape.py).
+        self.fast_shape = fast_shape
         self.peer = peer
         self.state = state
         self.size = size
@@ -92,7 +106,10 @@ class SqlDecider:
         elif st.dialect == "mysql":
             form = mysql_shape.shape(sql, ansi_quotes=st.ansi_quotes)
         else:  # PostgreSQL with standard_conforming_strings on (see decide)
-            form = postgres.shape(sql)
+            fast = self.fast_shape
+            form = fast(sql) if fast is not None else None
+            if form is None:
+                form = postgres.shape(sql)
         self.last_shape = form
         key = (st, form if form is not None else sql)
         entry = self._shapes.get(key) if form is not None else None

@@ -16,8 +16,11 @@ import hashlib
 import importlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+
+from policies.sql import pg_fastshape
 
 log = logging.getLogger("sluice.sidecar")
 
@@ -59,3 +62,14 @@ def sha256(path: str) -> str | None:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError:
         return None
+
+
+def pg_fast_shape() -> Callable[[str], str | None] | None:
+    """The compiled `fast_shape` of policies/sql/pg_fastshape.py when it is current, for the
+    PostgreSQL routes' decision caches; None (libpg_query's normaliser alone) otherwise:
+    run as pure Python its loop costs about what it saves (docs/decisions/0014)."""
+    module = current(pg_fastshape.__file__, "policies.sql._pg_fastshape_c")
+    if module is None:
+        return None
+    fast: Callable[[str], str | None] = module.fast_shape
+    return fast

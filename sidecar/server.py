@@ -35,7 +35,7 @@ from policies.decider import SqlDecider
 from policies.engine import Engine
 from policies.http_decider import HttpDecider
 from policies.sql.inspect import MYSQL, POSTGRES
-from sidecar import mysql_session, pg_session
+from sidecar import builds, mysql_session, pg_session
 from sidecar.audit import AuditSink, JsonlSink, MemorySink, TeeSink
 from sidecar.catalog import Registration, ServiceWatch, consul_client, route_entry
 from sidecar.config import Route, SidecarConfig
@@ -77,9 +77,11 @@ REPLAY_LIMIT = 64 * 1024
 
 
 # The compiled builds of the sessions when they are current (sidecar/pg_session.py; the
-# MySQL session over the compiled sidecar/mysql_responses.py).
+# MySQL session over the compiled sidecar/mysql_responses.py), and of the PostgreSQL fast
+# shape (policies/sql/pg_fastshape.py; None: libpg_query's normaliser alone).
 _PG_SESSION = pg_session.session_class()
 _MYSQL_SESSION = mysql_session.session_class()
+_PG_FAST_SHAPE = builds.pg_fast_shape()
 
 
 def install_uvloop() -> bool:
@@ -190,7 +192,10 @@ class Sidecar:
                 )
                 self.routes.append(_RouteRuntime(route, http, picker=picker))
                 continue
-            decider = SqlDecider(engine, peer, MYSQL if route.protocol == "mysql" else POSTGRES)
+            if route.protocol == "mysql":
+                decider = SqlDecider(engine, peer, MYSQL)
+            else:
+                decider = SqlDecider(engine, peer, POSTGRES, fast_shape=_PG_FAST_SHAPE)
             ctx = RouteContext(
                 app=config.app,
                 instance=config.instance,
@@ -798,4 +803,8 @@ def builds_in_use() -> str:
     def which(cls: type) -> str:
         return "compiled" if cls.__module__.endswith("_c") else "pure Python"
 
-    return f"PostgreSQL session {which(_PG_SESSION)}, MySQL responses {which(_MYSQL_SESSION)}"
+    shapes = "compiled" if _PG_FAST_SHAPE is not None else "libpg_query only"
+    return (
+        f"PostgreSQL session {which(_PG_SESSION)}, MySQL responses {which(_MYSQL_SESSION)}, "
+        f"PostgreSQL fast shapes {shapes}"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import textwrap
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 
@@ -16,7 +17,7 @@ from policies.decider import SqlDecider
 from policies.engine import Decision, Engine
 from policies.loader import load_texts
 from policies.spec import Action
-from policies.sql import mysql_shape
+from policies.sql import mysql_shape, pg_fastshape
 from policies.sql.inspect import MYSQL, POSTGRES, InspectionCache, SessionState, inspect
 from policies.sql.model import StatementInfo
 from policies.sql.postgres import shape
@@ -106,6 +107,30 @@ def test_texts_differing_only_in_constants_share_one_inspection() -> None:
     assert d.misses == 1 and d.shape_hits == 49
 
 
+def test_fast_shapes_decide_inlined_constants_without_libpg_query() -> None:
+    d = SqlDecider(
+        Engine(load_texts([("p.yaml", POLICY)])),
+        PEER,
+        POSTGRES,
+        fast_shape=pg_fastshape.fast_shape,
+    )
+    night = at("2026-11-24T01:30:00+00:00")
+    for i in range(20):
+        statements, decision = d.decide(f"DELETE FROM accounts WHERE aid = {i}", night)
+        assert statements[0].tables == ("accounts",) and not statements[0].no_where
+        assert decision.applied is Action.ALLOW
+        assert d.last_shape == f"{pg_fastshape.MARK}DELETE FROM accounts WHERE aid = $i"
+    assert d.misses == 1 and d.shape_hits == 19
+    # Another text is another shape, whatever it shares with the one decided.
+    statements, _ = d.decide("DELETE FROM accounts", night)
+    assert statements[0].no_where and d.misses == 2
+    # A text the fast lexer refuses falls back to libpg_query's normaliser.
+    d.decide("SELECT -1 FROM accounts", night)
+    assert d.last_shape == "SELECT $1 FROM accounts"
+    _, decision = d.decide("DROP TABLE accounts", night)
+    assert decision.applied is Action.DENY
+
+
 def test_shapes_never_merge_what_constants_can_change() -> None:
     d = SqlDecider(
         Engine(
@@ -128,8 +153,11 @@ def test_shapes_never_merge_what_constants_can_change() -> None:
     assert decision.applied is Action.DENY and second[1].span == (11, 23) != first[1].span
 
 
+Shape = Callable[[str], "str | None"] | None
 TEMPLATES = [
     "SELECT * FROM t WHERE a = {c}",
+    "SELECT * FROM t WHERE a = {c} AND b = {c}",
+    "DELETE FROM t WHERE a = {c} OR b = {c}",
     "UPDATE t SET a = {c} WHERE b = {c}",
     "DELETE FROM t WHERE a = {c}",
     "DELETE FROM t",
@@ -141,6 +169,7 @@ TEMPLATES = [
 ]
 
 
+@pytest.mark.parametrize("fast", [None, pg_fastshape.fast_shape], ids=["libpg_query", "fast"])
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
@@ -154,8 +183,8 @@ TEMPLATES = [
         max_size=20,
     )
 )
-def test_cached_results_equal_fresh_inspection(texts: list[tuple[str, str]]) -> None:
-    d = SqlDecider(Engine(load_texts([("p.yaml", POLICY)])), PEER, POSTGRES)
+def test_cached_results_equal_fresh_inspection(fast: Shape, texts: list[tuple[str, str]]) -> None:
+    d = SqlDecider(Engine(load_texts([("p.yaml", POLICY)])), PEER, POSTGRES, fast_shape=fast)
     now = at("2026-11-24T01:30:00+00:00")
     for template, constant in texts:
         sql = template.format(c=constant)

@@ -113,4 +113,7 @@ def test_the_environment_can_ask_for_pure_python(monkeypatch: pytest.MonkeyPatch
 def test_the_ready_line_names_the_builds_in_use() -> None:
     compiled_build(pg_session.COMPILED_MODULE)
     compiled_build(mysql_responses.COMPILED_MODULE)
-    assert server.builds_in_use() == "PostgreSQL session compiled, MySQL responses compiled"
+    compiled_build("policies.sql._pg_fastshape_c")
+    assert server.builds_in_use() == (
+        "PostgreSQL session compiled, MySQL responses compiled, PostgreSQL fast shapes compiled"
+    )
