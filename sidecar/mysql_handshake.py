@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 GREETING, HANDSHAKE, AUTH, COMMAND = range(4)
+assert rs.COMMAND_PHASE == COMMAND  # the response side's fast path checks it
 # Where TLS to the server stands (MISSING: the route requires it, the server has none).
 TLS_OFF, TLS_WANTED, TLS_STARTING, TLS_ON, TLS_MISSING = range(5)
 # caching_sha2's full authentication: not asked; asked (the app's answer is next); the
@@ -52,7 +53,7 @@ RSA_BITS = 2048
 
 
 class Handshake(rs.Responses):
-    """The connection phase of one session; `MySqlSession` supplies `client_data`,
+    """The connection phase of one session; `MySqlSession` supplies `_client_data`,
     `greeted` and the attributes below."""
 
     to_server: bytearray
@@ -84,7 +85,6 @@ class Handshake(rs.Responses):
         self._resume = False  # app packets waited for the end of authentication
 
     # hooks the session implements
-    def client_data(self, data: bytes) -> None: ...
     def greeted(self, greeting: my.Greeting, no_backslash_escapes: bool) -> None: ...
 
     # -- server -> app ----------------------------------------------------------------------

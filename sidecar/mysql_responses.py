@@ -17,27 +17,31 @@ shapes are followed inside one loop on local variables: a result set's column co
 definitions and rows (walked in bulk by `protocols.mysql.skip_rows`), and the OK/EOF that
 ends a result nobody audits (`PLAIN_RESULT`: only its status flags are read). A read that
 ends on a packet boundary is forwarded in one piece, without copying it into a buffer first.
+The driver's two entry points are here too, so that the commonest command and its answer
+never leave this module: `server_data` goes straight to that loop once authenticated, and
+`client_data` forwards an execution of a prepared statement whose cached decision is a
+plain allow (`_execute_again`); the session (`sidecar/mysql_session.py`) has the rest.
 
 Cython compiles this same file into `sidecar._mysql_responses_c` (setup.py;
 docs/decisions/0013-compiled-pg-session.md): the loop's offsets, lengths and states are
 annotated `cython.Py_ssize_t` and it reads a `bytes` object, so the compiled build does its
 integer arithmetic and byte reads in C (and walks rows packet by packet there instead of
-calling `skip_rows`). `mysql_session.session_class()` gives the driver a session over that
-build's methods when it is current.
+calling `skip_rows`). Its helpers are module functions taking the session as their first
+argument, which the compiled build calls as C functions (`cython.cfunc`); the wire constants
+are this module's globals, as a module attribute costs the compiled build a generic lookup.
+Attribute access on the session stays Python's (and costs the compiled build more than it
+costs the interpreter), so the loop reads each attribute once and writes back only those
+that changed. `mysql_session.session_class()` gives the driver a session over that build's
+methods when it is current.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-
-try:  # compiled by Cython (setup.py): the annotations below give C types; else inert
-    import cython
-
-    _COMPILED: bool = cython.compiled
-except ModuleNotFoundError:
-    _COMPILED = False
+from typing import Any, TypeVar
 
 from policies.engine import Decision
 from policies.sql.inspect import SessionState
@@ -45,10 +49,38 @@ from policies.sql.model import StatementInfo
 from sidecar.protocols import mysql as my
 from sidecar.session_common import RouteContext, Run
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+try:  # compiled by Cython (setup.py): the annotations below give C types; else inert
+    import cython
+
+    _COMPILED: bool = cython.compiled
+except ModuleNotFoundError:  # Cython is a build dependency: without it, its decorators are inert
+    _COMPILED = False
+
+    class cython:  # type: ignore[no-redef]
+        """The decorators this module takes from Cython's pure-Python mode, as no-ops."""
+
+        @staticmethod
+        def cfunc(function: _F) -> _F:
+            return function
+
+
 # What a command expects.
 RESULT, PREPARE, FETCH, FIELDS, SIMPLE, AUTH, LOCAL = range(7)
+# The session's phase once authenticated (`mysql_handshake.COMMAND`).
+COMMAND_PHASE = 3
 # Where in a response we are.
 _FIRST, _COLUMNS, _COLUMNS_EOF, _ROWS, _SKIP = range(5)
+# The wire constants `responses` reads per call, as globals of this module.
+_MAX_PACKET, _OK, _EOF, _LOCAL_INFILE = my.MAX_PACKET, my.OK, my.EOF, my.LOCAL_INFILE
+_COM_STMT_EXECUTE = my.COM_STMT_EXECUTE
+_MORE_RESULTS = my.SERVER_MORE_RESULTS_EXISTS
+_NO_BACKSLASH_ESCAPES = my.SERVER_STATUS_NO_BACKSLASH_ESCAPES
+_CURSOR_EXISTS = my.SERVER_STATUS_CURSOR_EXISTS
+# The size of a length-encoded integer by its first byte; 0xFB and 0xFF start none: a size
+# past any packet sends it to the slow path.
+_LENENC_SIZE = (1,) * 0xFB + (_MAX_PACKET + 5, 3, 4, 9, _MAX_PACKET + 5)
 
 Prepared = tuple[str, tuple[StatementInfo, ...]]
 # The denied statement after a forwarded prefix: its run and the ERR payload it gets.
@@ -74,6 +106,19 @@ if _COMPILED:  # the session (pure Python) appends the pure module's entry: it i
 COMPILED_MODULE = "sidecar._mysql_responses_c"
 
 
+@cython.cfunc  # compiled: a C function, called without Python's call protocol
+def _ok_status(buf: bytes, at: cython.Py_ssize_t, end: cython.Py_ssize_t) -> cython.Py_ssize_t:
+    """The status flags of the OK packet whose affected rows start at `buf[at]` and whose
+    payload ends at `end`, or -1 when `_packet` must read it (`my.ok_info`: no status, or
+    length-encoded integers that are malformed or run past the packet)."""
+    at += _LENENC_SIZE[buf[at]]  # affected rows
+    if at < end:
+        at += _LENENC_SIZE[buf[at]]  # last insert id
+        if at + 2 <= end:
+            return buf[at] | buf[at + 1] << 8
+    return -1
+
+
 class Responses:
     """The response side of a MySQL session; `MySqlSession` supplies the hooks."""
 
@@ -81,6 +126,12 @@ class Responses:
     to_client: bytearray
     closing: str | None
     deprecate_eof: bool
+    to_server: bytearray
+    wait: float
+    _cin: bytearray
+    _cseq: int
+    _phase: int  # the connection phase's (sidecar/mysql_handshake.py)
+    _resume: bool
 
     def __init__(self) -> None:
         self.pending: deque[Expected] = deque()
@@ -111,6 +162,8 @@ class Responses:
         self, stmt_id: int, sql: str, statements: tuple[StatementInfo, ...]
     ) -> None: ...
     def _fail(self, reason: str) -> None: ...
+    def _client_data(self, data: bytes) -> None: ...
+    def _connection_data(self, data: bytes) -> None: ...
 
     # the session's side
 
@@ -139,145 +192,30 @@ class Responses:
         self.prepared.pop(stmt_id, None)
         self.decisions.pop(stmt_id, None)
 
-    # the server's side
+    # the driver's entry points
+
+    def client_data(self, data: bytes) -> None:
+        """The app's bytes, from the driver. The commonest command goes on here (compiled:
+        without a Python call): an execution whose decision holds (`_execute_again`); the
+        session handles the rest (`_client_data`)."""
+        if not _execute_again(self, data):
+            self._client_data(data)
+
+    def server_data(self, data: bytes) -> None:
+        """The server's bytes, from the driver: once authenticated, straight to the response
+        loop (compiled: without a Python call in between); before that, the connection
+        phase's (`_connection_data`)."""
+        if self._phase != COMMAND_PHASE:
+            self._connection_data(data)
+            return
+        _responses(self, data)
+        if self._resume:  # commands the app sent before authentication ended
+            self._resume = False
+            self.client_data(b"")
 
     def responses(self, data: bytes | bytearray) -> None:
-        """Follow the server's packets and forward them; runs of bytes that need no change
-        go out as they came, in one piece (the read itself when it ends on a packet
-        boundary, as it nearly always does)."""
-        if self.closing is not None:
-            return  # nothing more goes to the app
-        buf: bytes
-        sin = self._sin
-        if sin:  # the end of a packet the last read cut: one copy, then framed as bytes
-            sin += data
-            if len(sin) < 4 or len(sin) < 4 + (sin[0] | sin[1] << 8 | sin[2] << 16):
-                return  # its first packet is not complete yet: nothing to do (and no copy)
-            buf = bytes(sin)
-            sin.clear()
-        else:
-            buf = data if type(data) is bytes else bytes(data)
-        size: cython.Py_ssize_t = len(buf)
-        pos: cython.Py_ssize_t = 0  # bytes before `fwd` are dealt with; fwd..pos go on
-        fwd: cython.Py_ssize_t = 0  # unchanged
-        length: cython.Py_ssize_t
-        end: cython.Py_ssize_t
-        first: cython.Py_ssize_t
-        status: cython.Py_ssize_t
-        where: cython.Py_ssize_t = self._where
-        rows: cython.Py_ssize_t = self._rows
-        continued: cython.bint = self._continued
-        count = self._count  # a length-encoded column count: not bounded to a C integer
-        # The wire constants as locals: C integers in the compiled build.
-        max_packet: cython.Py_ssize_t = my.MAX_PACKET
-        ok: cython.Py_ssize_t = my.OK
-        eof: cython.Py_ssize_t = my.EOF
-        local_infile: cython.Py_ssize_t = my.LOCAL_INFILE
-        more_results: cython.Py_ssize_t = my.SERVER_MORE_RESULTS_EXISTS
-        no_backslash_escapes: cython.Py_ssize_t = my.SERVER_STATUS_NO_BACKSLASH_ESCAPES
-        compiled = _COMPILED
-        plain = PLAIN_RESULT
-        out = self.to_client
-        pending = self.pending
-        deprecate_eof = self.deprecate_eof
-        try:
-            while size - pos >= 4:
-                length = buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16
-                end = pos + 4 + length
-                if end > size:
-                    break
-                if continued or not pending:  # a continuation, or nothing asked: pass on
-                    continued = continued and length == max_packet
-                    pos = end
-                    continue
-                continued = length == max_packet
-                first = buf[pos + 4] if length else -1
-                # What a result set spends its packets on is followed here, with local
-                # variables, and so is the end of a result nobody audits (PLAIN_RESULT:
-                # only its status flags matter); `_packet` sees the rest (errors, results
-                # with audit events, prepares, authentication...).
-                status = -1
-                if where == _ROWS:
-                    if 0 <= first < eof:
-                        rows += 1  # a row: the bulk of a result, walked in one go
-                        if not continued and not compiled:  # (compiled: one by one, in C)
-                            end, n = my.skip_rows(buf, end, size)
-                            rows += n
-                        pos = end
-                        continue
-                    if (
-                        first == eof
-                        and pending[0] is plain
-                        and length >= 5
-                        and (
-                            length < max_packet and buf[pos + 5] < 0xFB and buf[pos + 6] < 0xFB
-                            if deprecate_eof
-                            else length < 9
-                        )
-                    ):
-                        status = buf[pos + 7] | buf[pos + 8] << 8  # EOF, or OK in its place
-                elif where == _FIRST:
-                    if pending[0] is plain:
-                        if ok < first < local_infile:
-                            where, count, rows = _COLUMNS, first, 0  # the column count
-                            pos = end
-                            continue
-                        if (
-                            first == ok
-                            and length >= 5
-                            and buf[pos + 5] < 0xFB  # affected rows and insert id: one
-                            and buf[pos + 6] < 0xFB  # byte each, so the status is at 3
-                        ):
-                            status = buf[pos + 7] | buf[pos + 8] << 8  # OK: no result set
-                elif where == _COLUMNS:
-                    count -= 1
-                    if count <= 0:
-                        where = _ROWS if deprecate_eof else _COLUMNS_EOF
-                    pos = end
-                    continue
-                elif where == _COLUMNS_EOF and not (
-                    length >= 5 and buf[pos + 7] & my.SERVER_STATUS_CURSOR_EXISTS
-                ):
-                    where = _ROWS  # the EOF after the columns; no cursor: rows follow
-                    pos = end
-                    continue
-                if status >= 0:
-                    pos = end
-                    if status & no_backslash_escapes != self._nbe:
-                        self._status(status)
-                    where = _FIRST
-                    if status & more_results:
-                        continue
-                    pending.popleft()
-                    count = rows = 0
-                else:
-                    self._where, self._rows, self._count = where, rows, count
-                    done = self._packet(buf, pos + 4, end)
-                    where, rows, count = self._where, self._rows, self._count
-                    pos = end
-                    if not done:
-                        continue
-                # The response at the head ended.
-                if self._flip >= 0:  # SERVER_MORE_RESULTS_EXISTS: our ERR follows
-                    out += buf[fwd : self._flip]
-                    out.append(buf[self._flip] | my.SERVER_MORE_RESULTS_EXISTS)
-                    fwd, self._flip = self._flip + 1, -1
-                if pending and pending[0].kind == LOCAL:
-                    out += buf[fwd:pos]
-                    fwd = pos
-                    while pending and pending[0].kind == LOCAL:
-                        out += pending.popleft().local
-                if self.closing is not None:
-                    break
-        except my.ProtocolError as exc:
-            out += buf[fwd:pos]
-            self._fail(f"invalid packet from the server: {exc}")
-            return
-        self._where, self._rows, self._count, self._continued = where, rows, count, continued
-        if pos > fwd:
-            out += buf if fwd == 0 and pos == size else buf[fwd:pos]
-        if pos < size:
-            sin += buf[pos:]  # part of a packet: kept for the next read
+        """Follow the server's packets and forward them (`_responses`)."""
+        _responses(self, data)
 
     def _packet(self, buf: bytes | bytearray, start: int, end: int) -> bool:
         """Follow one packet of the response at the head; True when that response ended."""
@@ -425,3 +363,195 @@ class Responses:
         self._where = _FIRST
         self._count = self._rows = 0
         return True
+
+
+@cython.cfunc  # compiled: called from `client_data` without Python's call protocol
+def _execute_again(session: Responses, data: object) -> cython.bint:
+    """Forward `data` when it is one whole COM_STMT_EXECUTE (one packet in one read, in the
+    command phase, nothing held) of a statement whose cached decision is a plain allow
+    (nothing to audit, limit or remember) that still holds: the same policy set and, with
+    time windows, the same minute (`MySqlSession._decide_prepared`). Its response is a
+    PLAIN_RESULT. False: the session decides it (`_client_data`)."""
+    if type(data) is not bytes:
+        return False
+    buf: bytes = data
+    size: cython.Py_ssize_t = len(buf) - 4
+    if not (
+        5 <= size < _MAX_PACKET
+        and buf[4] == _COM_STMT_EXECUTE
+        and buf[3] == 0
+        and (buf[0] | buf[1] << 8 | buf[2] << 16) == size
+    ):
+        return False
+    if (
+        session._cin
+        or session._phase != COMMAND_PHASE
+        or session.wait != 0.0
+        or session.closing is not None
+        or session.infile
+    ):
+        return False
+    ctx = session.ctx
+    if size > ctx.max_message:
+        return False
+    decisions: dict[int, tuple[object, int, tuple[StatementInfo, ...], Decision, bool]]
+    decisions = session.decisions
+    cached = decisions.get(buf[5] | buf[6] << 8 | buf[7] << 16 | buf[8] << 24)
+    if cached is None or not cached[4] or cached[0] is not ctx.decider.engine:
+        return False
+    if cached[1] >= 0 and cached[1] != int(ctx.clock() // 60):
+        return False
+    session._cseq = 0
+    session.pending.append(PLAIN_RESULT)
+    out = session.to_server
+    out += buf
+    return True
+
+
+@cython.cfunc  # compiled: called from `server_data` without Python's call protocol
+def _responses(session: Responses, data: bytes | bytearray) -> None:
+    """Follow the server's packets and forward them; runs of bytes that need no change go
+    out as they came, in one piece (the read itself when it ends on a packet boundary, as it
+    nearly always does). `session` is the session (`Responses.responses`)."""
+    if session.closing is not None:
+        return  # nothing more goes to the app
+    buf: bytes
+    sin = session._sin
+    if sin:  # the end of a packet the last read cut: one copy, then framed as bytes
+        sin += data
+        if len(sin) < 4 or len(sin) < 4 + (sin[0] | sin[1] << 8 | sin[2] << 16):
+            return  # its first packet is not complete yet: nothing to do (and no copy)
+        buf = bytes(sin)
+        sin.clear()
+    else:
+        buf = data if type(data) is bytes else bytes(data)
+    size: cython.Py_ssize_t = len(buf)
+    pos: cython.Py_ssize_t = 0  # bytes before `fwd` are dealt with; fwd..pos go on
+    fwd: cython.Py_ssize_t = 0  # unchanged
+    length: cython.Py_ssize_t
+    end: cython.Py_ssize_t
+    first: cython.Py_ssize_t
+    status: cython.Py_ssize_t
+    where: cython.Py_ssize_t = session._where
+    rows: cython.Py_ssize_t = session._rows
+    continued: cython.bint = session._continued
+    count = session._count  # a length-encoded column count: not bounded to a C integer
+    # The attributes' values as last read or written: only changed ones are written
+    # back (most reads end where they began, between responses).
+    where0: cython.Py_ssize_t = where
+    rows0: cython.Py_ssize_t = rows
+    continued0: cython.bint = continued
+    count0 = count
+    # The wire constants as locals: C integers in the compiled build (this module's
+    # globals: a module attribute costs the compiled build a generic lookup per read).
+    max_packet: cython.Py_ssize_t = _MAX_PACKET
+    ok: cython.Py_ssize_t = _OK
+    eof: cython.Py_ssize_t = _EOF
+    local_infile: cython.Py_ssize_t = _LOCAL_INFILE
+    more_results: cython.Py_ssize_t = _MORE_RESULTS
+    no_backslash_escapes: cython.Py_ssize_t = _NO_BACKSLASH_ESCAPES
+    compiled = _COMPILED
+    plain = PLAIN_RESULT
+    out = session.to_client
+    pending = session.pending
+    deprecate_eof = session.deprecate_eof
+    try:
+        while size - pos >= 4:
+            length = buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16
+            end = pos + 4 + length
+            if end > size:
+                break
+            if continued or not pending:  # a continuation, or nothing asked: pass on
+                continued = continued and length == max_packet
+                pos = end
+                continue
+            continued = length == max_packet
+            first = buf[pos + 4] if length else -1
+            # What a result set spends its packets on is followed here, with local
+            # variables, and so is the end of a result nobody audits (PLAIN_RESULT:
+            # only its status flags matter); `_packet` sees the rest (errors, results
+            # with audit events, prepares, authentication...).
+            status = -1
+            if where == _ROWS:
+                if 0 <= first < eof:
+                    rows += 1  # a row: the bulk of a result, walked in one go
+                    if not continued and not compiled:  # (compiled: one by one, in C)
+                        end, n = my.skip_rows(buf, end, size)
+                        rows += n
+                    pos = end
+                    continue
+                if (
+                    first == eof
+                    and pending[0] is plain
+                    and length >= 5
+                    and (
+                        length < max_packet and buf[pos + 5] < 0xFB and buf[pos + 6] < 0xFB
+                        if deprecate_eof
+                        else length < 9
+                    )
+                ):
+                    status = buf[pos + 7] | buf[pos + 8] << 8  # EOF, or OK in its place
+            elif where == _FIRST:
+                if pending[0] is plain:
+                    if ok < first < local_infile:
+                        where, count, rows = _COLUMNS, first, 0  # the column count
+                        pos = end
+                        continue
+                    if first == ok and length >= 5:  # OK: no result set
+                        status = _ok_status(buf, pos + 5, end)
+            elif where == _COLUMNS:
+                count -= 1
+                if count <= 0:
+                    where = _ROWS if deprecate_eof else _COLUMNS_EOF
+                pos = end
+                continue
+            elif where == _COLUMNS_EOF and not (length >= 5 and buf[pos + 7] & _CURSOR_EXISTS):
+                where = _ROWS  # the EOF after the columns; no cursor: rows follow
+                pos = end
+                continue
+            if status >= 0:  # a plain result ended
+                pos = end
+                if status & no_backslash_escapes != session._nbe:
+                    session._status(status)
+                where = _FIRST
+                if status & more_results:
+                    continue
+                pending.popleft()
+                count = rows = 0
+            else:
+                session._where, session._rows, session._count = where, rows, count
+                done = session._packet(buf, pos + 4, end)
+                where0 = where = session._where
+                rows0 = rows = session._rows
+                count0 = count = session._count
+                pos = end
+                if not done:
+                    continue
+                if session._flip >= 0:  # SERVER_MORE_RESULTS_EXISTS: our ERR follows
+                    out += buf[fwd : session._flip]
+                    out.append(buf[session._flip] | my.SERVER_MORE_RESULTS_EXISTS)
+                    fwd, session._flip = session._flip + 1, -1
+            # The response at the head ended.
+            if pending and pending[0].kind == LOCAL:
+                out += buf[fwd:pos]
+                fwd = pos
+                while pending and pending[0].kind == LOCAL:
+                    out += pending.popleft().local
+            if status < 0 and session.closing is not None:  # (only `_packet`'s hooks close)
+                break
+    except my.ProtocolError as exc:
+        out += buf[fwd:pos]
+        session._fail(f"invalid packet from the server: {exc}")
+        return
+    if where != where0:
+        session._where = where
+    if rows != rows0:
+        session._rows = rows
+    if count != count0:
+        session._count = count
+    if continued != continued0:
+        session._continued = continued
+    if pos > fwd:
+        out += buf if fwd == 0 and pos == size else buf[fwd:pos]
+    if pos < size:
+        sin += buf[pos:]  # part of a packet: kept for the next read

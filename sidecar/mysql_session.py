@@ -22,9 +22,12 @@ connects upstream as soon as the app connects.
 
 Responses are matched to commands with a FIFO (`mysql_responses.Responses`), which also
 yields each statement's rows, duration and error for its audit event, and places the
-sidecar's own answers in order when the app has pipelined commands. Its per-packet loop has
-a compiled build (Cython); `session_class()` gives the driver a session over it when it is
-current (docs/decisions/0013-compiled-pg-session.md).
+sidecar's own answers in order when the app has pipelined commands. That module also holds
+the driver's entry points (`client_data`, `server_data`) with the common case of each: an
+execution whose cached decision is a plain allow, and the responses once authenticated;
+this class supplies the rest (`_client_data`, `_connection_data`). It has a compiled build
+(Cython); `session_class()` gives the driver a session over it when it is current
+(docs/decisions/0013-compiled-pg-session.md).
 """
 
 from __future__ import annotations
@@ -118,7 +121,8 @@ class MySqlSession(SessionAudit, Handshake):
 
     # -- app -> server ----------------------------------------------------------------------
 
-    def client_data(self, data: bytes) -> None:
+    def _client_data(self, data: bytes) -> None:
+        """`client_data` (mysql_responses) for all but the executions it forwards itself."""
         try:
             size = len(data) - 4
             if (  # the common case: one whole command (one packet) in one read
@@ -132,8 +136,7 @@ class MySqlSession(SessionAudit, Handshake):
                 and not self.infile
                 and size <= self.ctx.max_message
             ):
-                if data[4] != my.COM_STMT_EXECUTE or size < 5 or not self._execute_again(data):
-                    self._one_command(data)
+                self._one_command(data)
                 return
             self._cin += data
             self._client_packets()
@@ -201,23 +204,6 @@ class MySqlSession(SessionAudit, Handshake):
         finally:
             out += buf[fwd:pos]
             del buf[:pos]
-
-    def _execute_again(self, packet: bytes) -> bool:
-        """Forward an execution as it came when its statement's cached decision is a plain
-        allow (nothing to audit, limit or remember) and still holds: the same policy set
-        and, with time windows, the same minute (`_decide_prepared`). False: decide it."""
-        cached = self.decisions.get(packet[5] | packet[6] << 8 | packet[7] << 16 | packet[8] << 24)
-        if cached is None or not cached[4]:
-            return False
-        ctx = self.ctx
-        if cached[0] is not ctx.decider.engine:
-            return False
-        if cached[1] >= 0 and cached[1] != int(ctx.clock() // 60):
-            return False
-        self._cseq = 0
-        self.pending.append(rs.PLAIN_RESULT)
-        self.to_server += packet
-        return True
 
     def _command_at(self, buf: bytearray, pos: int) -> tuple[int, bytes, int]:
         """(end, payload, last sequence id) of the logical packet at `pos`, or end -1."""
@@ -396,7 +382,7 @@ class MySqlSession(SessionAudit, Handshake):
     def _plain(self, statements: tuple[StatementInfo, ...], decision: Decision) -> bool:
         """Whether an execution with this decision needs nothing but forwarding: allowed,
         no limit (dry-run ones included), no audit event, no SQL-level PREPARE/DEALLOCATE
-        to follow (`_execute_again` then skips the rest of `_execute`)."""
+        to follow (`client_data` then forwards its executions as they come, without `_execute`)."""
         return (
             decision.applied is Action.ALLOW
             and not decision.limits
@@ -515,7 +501,9 @@ class MySqlSession(SessionAudit, Handshake):
 
     # -- server -> app (see mysql_responses) ---------------------------------------------------
 
-    def server_data(self, data: bytes) -> None:
+    def _connection_data(self, data: bytes) -> None:
+        """`server_data` (mysql_responses) before the command phase: the greeting, and
+        authentication renumbered after the sidecar's SSLRequest, before the responses."""
         if self._phase == GREETING:
             data = self._greeting(data)
             if self._phase == GREETING:

@@ -216,6 +216,44 @@ def test_unaudited_results_still_track_no_backslash_escapes(deprecate_eof: bool)
     assert s.state.no_backslash_escapes and not s.pending
 
 
+# OK packets as servers send them after INSERT or UPDATE (affected rows and last insert id
+# are length-encoded: 1, 3, 4 or 9 bytes), and malformed ones: (payload, NO_BACKSLASH_ESCAPES
+# read from its status, the session fails on it).
+STATUS_NBE = (OK_STATUS | NBE).to_bytes(2, "little")
+OK_PAYLOADS = {
+    "one-byte": (b"\x00\x01\x00" + STATUS_NBE + b"\0\0", True, False),
+    "insert-id-2": (b"\x00\x01\xfc\x75\x13" + STATUS_NBE + b"\0\0", True, False),
+    "rows-3-id-8": (b"\x00\xfd\x01\x02\x03\xfe" + b"\x09" * 8 + STATUS_NBE, True, False),
+    "rows-8": (b"\x00\xfe" + b"\x01" * 8 + b"\x00" + STATUS_NBE, True, False),
+    "info": (b"\x00\xfc\x00\x01\x00" + STATUS_NBE + b"\0\0Rows matched: 1", True, False),
+    "no-status": (b"\x00\x01\x00", False, False),
+    "half-status": (b"\x00\x01\x00\x02", False, False),
+    "status-cut-by-id": (b"\x00\x01\xfc\x75\x13\x02", False, False),
+    "rows-past-the-end": (b"\x00\xfe\x01\x02\x03\x04", False, True),
+    "id-past-the-end": (b"\x00\x01\xfd\x02\x00", False, True),
+    "rows-0xfb": (b"\x00\xfb\x00\x02\x00", False, True),
+    "id-0xff": (b"\x00\x01\xff\x02\x00", False, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OK_PAYLOADS))
+@pytest.mark.parametrize("how", ["whole", "bytewise"])
+def test_an_unaudited_ok_is_read_as_an_audited_one(name: str, how: str) -> None:
+    """The fast path's reading of the OK that ends a result nobody audits (its status flags,
+    its malformations) is `_packet`'s, which reads it when the statement is audited."""
+    payload, nbe, fails = OK_PAYLOADS[name]
+    script = [("c", query("UPDATE t SET a = 1 WHERE id = 2")), ("s", my.packets(payload, 1))]
+    script += [("c", query("UPDATE t SET a = 2 WHERE id = 3")), ("s", my.packets(ok(1), 1))]
+    outcomes = []
+    for record_all in (True, False):
+        s = session(False, record_all)
+        first = play(s, script[:2], how)
+        state = s.state.no_backslash_escapes, s.closing is not None
+        outcomes.append((first, state, play(s, script[2:], how), s.closing, len(s.pending)))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][1] == (nbe, fails)
+
+
 def test_cursor_execution_then_fetch() -> None:
     s = session(False)
     script = [("c", my.packets(b"\x16SELECT c FROM t", 0)), ("s", prepare_ok(1, False))]
