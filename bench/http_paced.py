@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import Target, cpu_ticks, cpu_us, flush, percentile, rotated, table
+from common import Target, cpu_ticks, cpu_us, flush, ordered, percentile, table
 
 HERE = Path(__file__).resolve().parent
 # The generator is trusted when it keeps the asked rate and sends on time: a p99 send lag
@@ -66,11 +66,12 @@ def paced_slice(
 def fixed_load(
     targets: list[Target], rate: float, seconds: float, connections: int, slices: int
 ) -> dict[str, Paced]:
-    """Each path at `rate` for `seconds` in all, in `slices` interleaved runs (rotating
-    order), so a burst of other work on the machine lands on every path, not on one."""
+    """Each path at `rate` for `seconds` in all, in `slices` interleaved runs (in a new
+    order each time), so a burst of other work on the machine lands on every path, not on
+    one."""
     runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
     for r in range(slices):
-        for target in rotated(targets, r):
+        for target in ordered(targets, r):
             got = paced_slice(target, rate, seconds / slices, connections)
             if got is not None:
                 runs[target.name].append(got)

@@ -9,7 +9,7 @@ mitmproxy in reverse mode (the Python HTTP proxy people know); and `sluice sidec
 headers, limits, time windows, dry runs; none denies the benchmark's GET /index.html), audit
 of non-allow decisions.
 
-1. Throughput: `wrk -t2 -c32 --latency` against each path in turn (rotating order; `--repeat
+1. Throughput: `wrk -t2 -c32 --latency` against each path in turn (a new order each round; `--repeat
    N` takes medians over N rounds): requests/s, ratios to direct and to HAProxy, p50/p99,
    and the proxy's CPU time per request (utime + stime of its process tree, /proc/PID/stat).
 2. Latency at a fixed load: `http_load.py`, an open-loop generator (requests due on a
@@ -187,7 +187,7 @@ def wrk(target: Target, seconds: float, threads: int, connections: int) -> Run:
 def throughput(
     targets: list[Target], seconds: float, threads: int, connections: int, repeat: int
 ) -> dict[str, Run]:
-    """Medians over `repeat` rounds; the order of paths rotates from one round to the next."""
+    """Medians over `repeat` rounds; the order of paths changes from one round to the next."""
     return measure(
         targets,
         ("wrk",),

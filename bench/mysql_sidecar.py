@@ -18,18 +18,27 @@ apps do, so each text is new and the sidecar decides it through the shape cache
 (docs/decisions/0012). The target applies to the prepared-statement workloads only.
 
 Every proxy runs as a child process on a free loopback port with a config written to a temp
-dir. Targets run in a rotating order within each round; `--repeat N` takes medians.
+dir. Targets run in a new (seeded) order in each round; `--repeat N` takes medians.
 `--events N` runs a fixed number of transactions instead of a fixed time: every proxy then
 does the same work, which steadies the CPU per transaction on a shared machine.
+`--baseline DIR` adds a row "sidecar base": the same sidecar run from another copy of the
+source tree (say, the last commit exported to DIR, with its compiled modules: unpack the
+`.so` files and `sidecar/_built.py` of `pip wheel --no-deps DIR` into DIR), measured in the
+same rounds, so a change is compared with what it replaces under the same machine load; the
+target is checked on "sidecar".
 
     python bench/mysql_sidecar.py [--time 10] [--events 0] [--repeat 1] [--text]
+                                  [--workloads oltp_read_only,...] [--baseline DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from common import (
     Run,
@@ -189,8 +198,23 @@ def main() -> int:
         action="store_true",
         help="also run both workloads with literals inlined in COM_QUERY (--db-ps-mode=disable)",
     )
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help="sysbench scripts, comma-separated (default: all)",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a copy of the source tree to run as a second sidecar row, 'sidecar base'",
+    )
     args = parser.parse_args()
-    workloads = WORKLOADS + (tuple(w + TEXT for w in WORKLOADS) if args.text else ())
+    if args.baseline is not None and not (args.baseline / "sidecar" / "server.py").is_file():
+        parser.error(f"--baseline: {args.baseline} holds no sidecar/server.py")
+    chosen = tuple(w for w in args.workloads.split(",") if w)
+    if not chosen or set(chosen) - set(WORKLOADS):
+        parser.error(f"--workloads: choose from {', '.join(WORKLOADS)}")
+    workloads = chosen + (tuple(w + TEXT for w in chosen) if args.text else ())
     if tool_missing(("sysbench", "mariadb")):
         return 0
     if mariadb("SELECT 1").returncode != 0:
@@ -201,12 +225,15 @@ def main() -> int:
     with proxy_run("sluice-sysbench-", targets, cleanup=drop_db) as tmp:
         policies = write_policy_file(tmp, POLICY)
         create_db()
-        targets += started(
-            haproxy(tmp, UPSTREAM),
-            relay(tmp, UPSTREAM),
-            sidecar(tmp, policies, UPSTREAM, service="orders-db", protocol="mysql", audit_log=True),
+        one = functools.partial(
+            sidecar, tmp, policies, UPSTREAM, service="orders-db", protocol="mysql", audit_log=True
         )
-        live = all(check_policy_active(t) for t in targets if t.name == "sidecar")
+        base = None
+        if args.baseline is not None:
+            env = {**os.environ, "PYTHONPATH": str(args.baseline.resolve())}
+            base = one(name="sidecar base", env=env)
+        targets += started(haproxy(tmp, UPSTREAM), relay(tmp, UPSTREAM), one(), base)
+        live = all(check_policy_active(t) for t in targets if t.name.startswith("sidecar"))
         flush()
         seconds = 600 if args.events else args.time
         medians = measure(

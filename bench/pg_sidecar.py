@@ -14,7 +14,7 @@ Targets (issue: PostgreSQL sidecar throughput): with -M prepared and -M extended
 0.8x and 50 µs; added p99 under 1 ms.
 
 Every proxy runs as a child process on a free loopback port with a config written to a temp
-dir; HAProxy is given one thread, like the others. Configurations run in a rotating order
+dir; HAProxy is given one thread, like the others. Configurations run in a shuffled order
 within each round; `--repeat N` takes medians over N rounds. HAProxy and PgBouncer rows are
 skipped, with a message, where the binaries are absent (`make bench-deps` installs them).
 `--transactions N` gives every path the same N transactions per client instead of the same
