@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import mysql.connector
 import pymysql
@@ -284,6 +285,65 @@ def test_mysql_connector_prepared_statements_denied_at_prepare(start_mysql, db: 
     finally:
         cnx.close()
     assert truth(db) == ((4,),)
+
+
+def test_utility_commands_pass_through_and_prepared_statements_are_forgotten(
+    start_mysql, db: str
+) -> None:
+    sc = start_mysql()
+    with connect(sc, db) as c, c.cursor() as cur:
+        c.ping(reconnect=False)  # COM_PING
+        c.select_db("mysql")  # COM_INIT_DB
+        cur.execute("SELECT DATABASE()")
+        assert cur.fetchall() == (("mysql",),)
+        c.select_db(db)
+        with pytest.raises(pymysql.MySQLError) as info:
+            cur.execute("DELETE FROM keep")
+        assert info.value.args[0] == 1142
+    cnx = mysql.connector.connect(
+        host=sc.host, port=sc.port, user=USER, database=db, autocommit=True, use_pure=True
+    )
+    try:
+        # COM_STMT_PREPARE / EXECUTE / RESET / CLOSE, spoken one by one.
+        select = cnx.cmd_stmt_prepare(b"SELECT v FROM keep WHERE id = ?")
+        assert _executed(cnx, select, 3) == [("v3",)]
+        cnx.cmd_stmt_reset(select["statement_id"])
+        delete = cnx.cmd_stmt_prepare(b"DELETE FROM keep WHERE id = ?")
+        assert _executed(cnx, delete, 1)["affected_rows"] == 1
+        cnx.cmd_stmt_close(delete["statement_id"])  # no answer: the next command must not wait
+        assert _executed(cnx, select, 2) == [("v2",)]
+        # A closed statement's id is one the sidecar no longer knows: opaque, so denied
+        # (fail closed: an opaque statement matches every deny rule), never its old decision.
+        with pytest.raises(mysql.connector.Error) as refused:
+            _executed(cnx, delete, 2)
+        assert refused.value.errno == 1142
+        assert cnx.cmd_reset_connection()  # COM_RESET_CONNECTION: every statement is gone
+        with pytest.raises(mysql.connector.Error) as gone:
+            _executed(cnx, select, 2)
+        assert gone.value.errno == 1142
+        cnx.cmd_init_db(db)
+        cur = cnx.cursor()
+        cur.execute("SELECT count(*) FROM keep")
+        assert cur.fetchall() == [(4,)]
+    finally:
+        cnx.close()  # COM_QUIT
+    assert truth(db) == ((4,),)
+    events = sc.events(lambda es: sum(e.verbs == ("DELETE",) for e in es) >= 2)
+    deletes = [e for e in events if e.verbs == ("DELETE",)]
+    assert [(e.decision, e.rows) for e in deletes] == [("deny", None), ("allow", 1)]
+    opaque = [e for e in events if e.verbs == ("EXECUTE",)]
+    assert [(e.decision, e.rule) for e in opaque] == [("deny", "guard/no-drop")] * 2
+
+
+def _executed(cnx: Any, statement: dict[str, Any], value: int) -> Any:
+    """COM_STMT_EXECUTE of a statement from `cmd_stmt_prepare`: its rows, or its OK."""
+    result = cnx.cmd_stmt_execute(
+        statement["statement_id"], data=(value,), parameters=statement["parameters"]
+    )
+    if isinstance(result, dict):
+        return result
+    cnx.unread_result = True  # what the library's prepared cursor does before reading rows
+    return cnx.get_rows(binary=True, columns=result[1])[0]
 
 
 def test_mariadb_cli_denied_statement_and_the_rest_runs(start_mysql, db: str) -> None:
