@@ -525,7 +525,6 @@ class PgSession(PgDeciding):
 # instructions per transaction. Used only when built from this very text (its SHA-256,
 # sidecar/builds.py), so an edit never runs stale code: pure Python until `make install`.
 COMPILED_MODULE = "sidecar._pg_session_c"
-PURE_ENV = builds.PURE_ENV  # set (non-empty): always the pure Python class
 
 
 def session_class() -> type[PgSession]:

@@ -105,7 +105,6 @@ def test_a_missing_build_means_pure_python(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_the_environment_can_ask_for_pure_python(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(builds.PURE_ENV, "1")
-    assert pg_session.PURE_ENV == builds.PURE_ENV
     assert pg_session.session_class() is pg_session.PgSession
     assert mysql_session.session_class() is mysql_session.MySqlSession
 
