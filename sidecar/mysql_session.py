@@ -342,9 +342,11 @@ class MySqlSession(SessionAudit, Handshake):
         if len(payload) < 5:
             raise my.ProtocolError("COM_STMT_EXECUTE too short")
         now = self.ctx.clock()
-        sql, statements, decision = self._decide_prepared(
-            int.from_bytes(payload[1:5], "little"), now
-        )
+        stmt_id = int.from_bytes(payload[1:5], "little")
+        if stmt_id not in self.prepared:
+            self._unknown_statement(stmt_id, now, seq)
+            return False
+        sql, statements, decision = self._decide_prepared(stmt_id, now)
         if decision.applied is Action.DENY:
             self._deny(sql, statements, decision, now, seq)
             return False
@@ -356,6 +358,19 @@ class MySqlSession(SessionAudit, Handshake):
         self.expect(rs.RESULT, [self._run(sql, info, decision, now, outcome)])
         return True
 
+    def _unknown_statement(self, stmt_id: int, now: float, seq: int) -> None:
+        """An execution of a statement id this session never saw prepared, or closed, or
+        lost to a reset: the server does not know it either (its ids are the ones the
+        sidecar saw it give). Answered as the server answers it, ER_UNKNOWN_STMT_HANDLER,
+        and never forwarded: the sidecar cannot say what it would run. Audited as a denial
+        of an opaque EXECUTE with that error."""
+        ctx = self.ctx
+        decision = ctx.decider.engine.decide(ctx.peer, _OPAQUE_EXECUTE, now)
+        run = Run(now, time.monotonic(), "", _OPAQUE_EXECUTE, decision, "deny")
+        self.record(run, None, my.UNKNOWN_STMT_STATE)
+        text = f"Unknown prepared statement handler ({stmt_id}) given to mysqld_stmt_execute"
+        self.answer(my.err_packet(seq + 1, my.ER_UNKNOWN_STMT_HANDLER, my.UNKNOWN_STMT_STATE, text))
+
     def _decide_prepared(
         self, stmt_id: int, now: float
     ) -> tuple[str, tuple[StatementInfo, ...], Decision]:
@@ -363,10 +378,7 @@ class MySqlSession(SessionAudit, Handshake):
         with time windows, the minute are the same."""
         ctx = self.ctx
         engine = ctx.decider.engine
-        known = self.prepared.get(stmt_id)
-        if known is None:  # not prepared through us: opaque
-            return "", (_OPAQUE_EXECUTE,), engine.decide(ctx.peer, _OPAQUE_EXECUTE, now)
-        sql, statements, state = known
+        sql, statements, state = self.prepared[stmt_id]  # known: `_execute` checked
         minute = int(now // 60)
         cached = self.decisions.get(stmt_id)
         if cached is not None and cached[0] is engine and (cached[1] < 0 or cached[1] == minute):

@@ -80,6 +80,8 @@ ER_USER_LIMIT_REACHED = 1226  # "has exceeded the ... resource": MySQL's own res
 ER_UNKNOWN_COM = 1047
 ER_NET_PACKETS_OUT_OF_ORDER = 1156
 ER_NOT_SUPPORTED = 1235
+ER_UNKNOWN_STMT_HANDLER = 1243  # an execution of a statement id the server does not know
+UNKNOWN_STMT_STATE = "HY000"
 # "Bad handshake" (08S01): the TLS errors' code. Not 2026 (CR_SSL_CONNECTION_ERROR):
 # libmariadb takes an error code from 2000 to 2999 sent by a server for a malformed packet.
 ER_HANDSHAKE_ERROR = 1043

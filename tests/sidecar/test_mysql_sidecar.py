@@ -287,7 +287,7 @@ def test_mysql_connector_prepared_statements_denied_at_prepare(start_mysql, db: 
     assert truth(db) == ((4,),)
 
 
-def test_utility_commands_pass_through_and_prepared_statements_are_forgotten(
+def test_utility_commands_pass_through_and_closed_statements_are_unknown(
     start_mysql, db: str
 ) -> None:
     sc = start_mysql()
@@ -312,15 +312,16 @@ def test_utility_commands_pass_through_and_prepared_statements_are_forgotten(
         assert _executed(cnx, delete, 1)["affected_rows"] == 1
         cnx.cmd_stmt_close(delete["statement_id"])  # no answer: the next command must not wait
         assert _executed(cnx, select, 2) == [("v2",)]
-        # A closed statement's id is one the sidecar no longer knows: opaque, so denied
-        # (fail closed: an opaque statement matches every deny rule), never its old decision.
+        # A closed statement's id is one neither the server nor the sidecar knows: answered
+        # as the server answers it, never forwarded nor run on its old decision.
         with pytest.raises(mysql.connector.Error) as refused:
             _executed(cnx, delete, 2)
-        assert refused.value.errno == 1142
+        assert (refused.value.errno, refused.value.sqlstate) == (1243, "HY000")
+        assert f"handler ({delete['statement_id']})" in refused.value.msg
         assert cnx.cmd_reset_connection()  # COM_RESET_CONNECTION: every statement is gone
         with pytest.raises(mysql.connector.Error) as gone:
             _executed(cnx, select, 2)
-        assert gone.value.errno == 1142
+        assert gone.value.errno == 1243
         cnx.cmd_init_db(db)
         cur = cnx.cursor()
         cur.execute("SELECT count(*) FROM keep")
@@ -331,8 +332,8 @@ def test_utility_commands_pass_through_and_prepared_statements_are_forgotten(
     events = sc.events(lambda es: sum(e.verbs == ("DELETE",) for e in es) >= 2)
     deletes = [e for e in events if e.verbs == ("DELETE",)]
     assert [(e.decision, e.rows) for e in deletes] == [("deny", None), ("allow", 1)]
-    opaque = [e for e in events if e.verbs == ("EXECUTE",)]
-    assert [(e.decision, e.rule) for e in opaque] == [("deny", "guard/no-drop")] * 2
+    unknown = [e for e in events if e.verbs == ("EXECUTE",)]
+    assert [(e.decision, e.error) for e in unknown] == [("deny", "HY000")] * 2
 
 
 def _executed(cnx: Any, statement: dict[str, Any], value: int) -> Any:
