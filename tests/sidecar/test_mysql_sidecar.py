@@ -18,7 +18,6 @@ import pymysql
 import pytest
 from pymysql.constants import CLIENT
 
-from sidecar.config import AuditConfig, Route, SidecarConfig
 from tests.sidecar.conftest import GUARD_POLICY, RunningSidecar
 
 pytestmark = pytest.mark.mariadb
@@ -66,23 +65,13 @@ def truth(db: str, sql: str = "SELECT count(*) FROM keep") -> object:
 
 
 @pytest.fixture
-def start_mysql(tmp_path: Path) -> Iterator[Callable[..., RunningSidecar]]:
-    running: list[RunningSidecar] = []
+def start_mysql(start_sidecar: Callable[..., RunningSidecar]) -> Callable[..., RunningSidecar]:
+    """`start_sidecar` (conftest) with a MySQL route, in front of the MariaDB here."""
 
     def start(policy: str = POLICY, *, upstream: tuple[str, int] = (HOST, PORT)) -> RunningSidecar:
-        policy_file = tmp_path / f"policy-{len(running)}.yaml"
-        policy_file.write_text(policy)
-        route = Route("orders-db", "mysql", ("127.0.0.1", 0), upstream, 3.0)
-        config = SidecarConfig(
-            "billing", "billing-1", (str(policy_file),), (route,), AuditConfig(None, "all"), 0.05
-        )
-        sc = RunningSidecar(config, policy_file)
-        running.append(sc)
-        return sc
+        return start_sidecar(policy, protocol="mysql", upstream=upstream)
 
-    yield start
-    for sc in running:
-        sc.stop()
+    return start
 
 
 def connect(sc: RunningSidecar, db: str, **extra: object) -> pymysql.Connection:

@@ -10,12 +10,10 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pymysql
 import pytest
 
-from sidecar.config import AuditConfig, Route, SidecarConfig
 from tests.sidecar.conftest import GUARD_POLICY, RunningSidecar
 
 pytestmark = pytest.mark.mariadb
@@ -79,22 +77,9 @@ def _argv(binary: str, script: str, port: int, db: str) -> list[str]:
 
 
 @pytest.fixture
-def start_mysql(tmp_path: Path) -> Iterator[Callable[[str], RunningSidecar]]:
-    running: list[RunningSidecar] = []
-
-    def start(policy: str) -> RunningSidecar:
-        policy_file = tmp_path / "policy.yaml"
-        policy_file.write_text(policy)
-        route = Route("orders-db", "mysql", ("127.0.0.1", 0), (HOST, PORT), 3.0)
-        config = SidecarConfig(
-            "billing", "billing-1", (str(policy_file),), (route,), AuditConfig(None, "all"), 0.05
-        )
-        running.append(RunningSidecar(config, policy_file))
-        return running[-1]
-
-    yield start
-    for sc in running:
-        sc.stop()
+def start_mysql(start_sidecar: Callable[..., RunningSidecar]) -> Callable[[str], RunningSidecar]:
+    """`start_sidecar` (conftest) with a MySQL route, in front of the MariaDB here."""
+    return lambda policy: start_sidecar(policy, protocol="mysql", upstream=(HOST, PORT))
 
 
 def _run(sc: RunningSidecar, db: str, script: str, *extra: str) -> dict[str, int]:
