@@ -26,9 +26,9 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from policies.attributes import Peer
 from policies.decider import SqlDecider
@@ -422,6 +422,7 @@ class ClientSide(asyncio.Protocol):
         else:
             self.session = _PG_SESSION(ctx, session_id)
         self._connecting = False
+        self._connect_task: asyncio.Task[None] | None = None  # the last one started
         self._closed = False
         self._paused_by_delay = False
         self._key: bytes | None = None
@@ -484,11 +485,10 @@ class ClientSide(asyncio.Protocol):
                 self._keep_opening(out, up)
             up.transport.write(out)
         elif s.startup_sent and up is None and not self._connecting and s.closing is None:
-            self._connecting = True
-            asyncio.get_running_loop().create_task(self._connect())
+            self._start_connect()
         if s.cancel_packet is not None:
             packet, s.cancel_packet = s.cancel_packet, None
-            asyncio.get_running_loop().create_task(self.sidecar.route_cancel(packet))
+            _spawn(self.sidecar.route_cancel(packet))
         if s.wait > 0 and not self._paused_by_delay:
             self._paused_by_delay = True
             transport.pause_reading()
@@ -504,6 +504,10 @@ class ClientSide(asyncio.Protocol):
             self.transport.resume_reading()
         self.session.release()
         self.pump()
+
+    def _start_connect(self, tried: frozenset[Instance] = frozenset()) -> None:
+        self._connecting = True
+        self._connect_task = _spawn(self._connect(tried))
 
     async def _connect(self, tried: frozenset[Instance] = frozenset()) -> None:
         route = self.rt.route
@@ -628,8 +632,7 @@ class ClientSide(asyncio.Protocol):
         picker.closed(instance)
         self._instance, self.upstream, self._opening = None, None, None
         self.session.to_server[:0] = b"".join(opening)
-        self._connecting = True
-        asyncio.get_running_loop().create_task(self._connect(self._tried))
+        self._start_connect(self._tried)
         return True
 
     def _fail_upstream(self, text: str) -> None:
@@ -713,15 +716,22 @@ class ServerSide(asyncio.Protocol):
             self.transport.close()
 
 
-_UPGRADES: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
+_TASKS: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
+
+
+def _spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """Run `coro` as a task held here until it ends (connecting upstream, routing a
+    CancelRequest, MySQL's TLS upgrade), so that it cannot be collected half-way."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _TASKS.add(task)
+    task.add_done_callback(_TASKS.discard)
+    return task
 
 
 def _mysql_tls(side: ClientSide) -> None:
     """MySQL starts TLS mid-handshake (sidecar/mysql_handshake.py): the session has queued
     its SSLRequest, which `pump` writes before this task runs; then the upgrade."""
-    task = asyncio.get_running_loop().create_task(_upgrade_mysql(side))
-    _UPGRADES.add(task)
-    task.add_done_callback(_UPGRADES.discard)
+    _spawn(_upgrade_mysql(side))
 
 
 class _TlsStarting(asyncio.Protocol):
@@ -738,12 +748,14 @@ class _TlsStarting(asyncio.Protocol):
 async def _upgrade_mysql(side: ClientSide) -> None:
     route, session = side.rt.route, side.session
     # The app may answer the greeting before `_connect` has handed the connection over
-    # (`_use`, whose `pump` writes the SSLRequest): wait for that, a few loop turns.
+    # (`_use`, whose `pump` writes the SSLRequest): wait for that task (a reset retry starts
+    # another), within the connect timeout.
     deadline = asyncio.get_running_loop().time() + route.connect_timeout
     while side.upstream is None and side._connecting and not side._closed:
-        if asyncio.get_running_loop().time() > deadline:
+        task, left = side._connect_task, deadline - asyncio.get_running_loop().time()
+        if task is None or task.done() or left <= 0:
             break
-        await asyncio.sleep(0)
+        await asyncio.wait({task}, timeout=left)
     up = side.upstream
     if up is None or up.transport is None or side._closed:
         return
