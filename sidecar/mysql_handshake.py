@@ -247,10 +247,7 @@ class Handshake(rs.Responses):
         """No TLS with the server (`reason` names the server and why): the app's
         HandshakeResponse gets an ERR, and the connection closes."""
         self._hello = None
-        self.to_client += my.err_packet(
-            (self._cseq + 1) & 0xFF, my.ER_HANDSHAKE_ERROR, "08S01", f"sluice: {reason}"
-        )
-        self.closing = reason
+        self._close_with(self._cseq, my.ER_HANDSHAKE_ERROR, "08S01", reason)
 
     def _full_auth(self, payload: bytes, seq: int) -> bytes | None:
         """The app's packet after caching_sha2's "perform full authentication": what goes to
@@ -285,9 +282,12 @@ class Handshake(rs.Responses):
         return password
 
     def _refuse(self, seq: int, reason: str) -> None:
-        self.to_client += my.err_packet(
-            (seq + 1) & 0xFF, my.ER_ACCESS_DENIED, "28000", f"sluice: {reason}"
-        )
+        self._close_with(seq, my.ER_ACCESS_DENIED, "28000", reason)
+
+    def _close_with(self, seq: int, code: int, sqlstate: str, reason: str) -> None:
+        """Answer the app's packet `seq` with an ERR saying `reason`, then close both sides
+        (the session's `_fail` too)."""
+        self.to_client += my.err_packet((seq + 1) & 0xFF, code, sqlstate, f"sluice: {reason}")
         self.closing = reason
 
 

@@ -207,8 +207,8 @@ class Responses:
         phase's (`_connection_data`)."""
         if self._phase != COMMAND_PHASE:
             self._connection_data(data)
-            return
-        _responses(self, data)
+        else:
+            _responses(self, data)
         if self._resume:  # commands the app sent before authentication ended
             self._resume = False
             self.client_data(b"")

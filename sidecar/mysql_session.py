@@ -523,9 +523,6 @@ class MySqlSession(SessionAudit, Handshake):
         if self._shift:  # authentication after the sidecar's SSLRequest: renumbered
             data = self._renumbered(data)
         self.responses(data)
-        if self._resume:  # commands the app sent before authentication ended
-            self._resume = False
-            self.client_data(b"")
 
     def greeted(self, greeting: my.Greeting, no_backslash_escapes: bool) -> None:
         g, nbe = greeting, no_backslash_escapes
@@ -539,10 +536,7 @@ class MySqlSession(SessionAudit, Handshake):
             self.state = _state(st.server_version, st.mariadb, st.ansi_quotes, nbe)
 
     def _fail(self, reason: str) -> None:
-        self.to_client += my.err_packet(
-            (self._cseq + 1) & 0xFF, my.ER_NET_PACKETS_OUT_OF_ORDER, "08S01", f"sluice: {reason}"
-        )
-        self.closing = reason
+        self._close_with(self._cseq, my.ER_NET_PACKETS_OUT_OF_ORDER, "08S01", reason)
 
 
 def session_class() -> type[MySqlSession]:
