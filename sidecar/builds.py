@@ -1,7 +1,8 @@
 """Which build of a compiled module the sidecar runs: its Cython build when it is current.
 
-Some hot modules (`sidecar/pg_session.py`, `sidecar/mysql_responses.py`) stay one pure Python
-source, and Cython compiles the same file into a second module at install (setup.py). A
+Some hot modules (`sidecar/pg_session.py`, `sidecar/mysql_responses.py`,
+`policies/sql/pg_fastshape.py`) stay one pure Python source, and Cython compiles the same
+file into a second module at install (setup.py). A
 build is used only when it is importable and was built from the source as it is now (setup.py
 records each source's SHA-256 in the generated `sidecar/_built.py`), so an edited source is
 never shadowed by a stale build (a stale build would enforce yesterday's rules); until
@@ -38,8 +39,8 @@ def current(source: str, compiled_module: str) -> ModuleType | None:
         return None
     if built_from(compiled_module) != sha256(source):
         log.warning(
-            "%s was built from another %s: using the pure Python session (run `make install` "
-            "to rebuild it)",
+            "%s was built from another %s: using its pure Python code (run `make install` to "
+            "rebuild it)",
             module.__file__,
             source,
         )
