@@ -69,7 +69,7 @@ def pg_fast_shape() -> Callable[[str], str | None] | None:
     """The compiled `fast_shape` of policies/sql/pg_fastshape.py when it is current, for the
     PostgreSQL routes' decision caches; None (libpg_query's normaliser alone) otherwise:
     run as pure Python its loop costs about what it saves (docs/decisions/0014)."""
-    module = current(pg_fastshape.__file__, "policies.sql._pg_fastshape_c")
+    module = current(pg_fastshape.__file__, pg_fastshape.COMPILED_MODULE)
     if module is None:
         return None
     fast: Callable[[str], str | None] = module.fast_shape

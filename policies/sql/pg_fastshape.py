@@ -41,6 +41,7 @@ except ModuleNotFoundError:
     COMPILED = False
 
 MARK = "\0"  # starts every fast shape; never in a PostgreSQL statement text
+COMPILED_MODULE = "policies.sql._pg_fastshape_c"  # this file's Cython build (setup.py)
 _FIRST_WORDS = frozenset({"select", "insert", "update", "delete"})
 # As policies.sql.postgres._CONSTANT_SENSITIVE: statements that read constants as code.
 _SENSITIVE = frozenset(

@@ -4,8 +4,6 @@ running in a background thread on its own uvloop loop, in front of that server."
 from __future__ import annotations
 
 import asyncio
-import importlib
-import os
 import secrets
 import signal
 import socket
@@ -16,17 +14,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 
 import psycopg
 import pytest
 import uvloop
 
-from sidecar import builds, mysql_responses, mysql_session, pg_session
+from sidecar import mysql_responses, mysql_session, pg_session
 from sidecar.audit import AuditEvent, MemorySink
 from sidecar.config import AuditConfig, HttpTimeouts, Route, SidecarConfig, UpstreamTls
 from sidecar.server import Sidecar
 from sidecar.telemetry import Telemetry
+from tests.compiled import compiled_build
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 
@@ -268,25 +266,13 @@ def sidecar_process(tmp_path: Path) -> Iterator[Callable[[str], SidecarProcess]]
         sp.stop()
 
 
-def compiled_build(name: str) -> ModuleType:
-    """The compiled module `name` (setup.py), for the tests of both builds. `make install`
-    builds it; without it those cases fail (a silent fallback would test one build only),
-    unless SLUICE_PURE_PYTHON is set, which skips them."""
-    if os.environ.get(builds.PURE_ENV):
-        pytest.skip(f"{builds.PURE_ENV} is set: pure Python only")
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        pytest.fail(f"{name} is not built ({exc}): run `make install`")
-
-
 @pytest.fixture(params=["pure", "compiled"])
 def pg_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> type:
     """Each build of the PostgreSQL session in turn as the test module's `PgSession`: the
     pure Python class and its Cython build (sidecar/pg_session.py, setup.py)."""
     cls: type = pg_session.PgSession
     if request.param == "compiled":
-        cls = compiled_build(pg_session.COMPILED_MODULE).PgSession
+        cls = compiled_build(pg_session).PgSession
     monkeypatch.setattr(request.module, "PgSession", cls)
     return cls
 
@@ -298,7 +284,7 @@ def mysql_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     (sidecar/mysql_responses.py, setup.py)."""
     cls: type = mysql_session.MySqlSession
     if request.param == "compiled":
-        module = compiled_build(mysql_responses.COMPILED_MODULE)
+        module = compiled_build(mysql_responses)
         cls = mysql_session.over_responses(module.Responses)
     monkeypatch.setattr(request.module, "MySqlSession", cls)
     return cls

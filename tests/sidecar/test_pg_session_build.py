@@ -14,19 +14,20 @@ from types import ModuleType
 
 import pytest
 
+from policies.sql import pg_fastshape
 from sidecar import builds, mysql_responses, mysql_session, pg_session, server
-from tests.sidecar.conftest import compiled_build
+from tests.compiled import compiled_build
 
 
 def test_the_driver_runs_the_compiled_build() -> None:
-    module = compiled_build(pg_session.COMPILED_MODULE)
+    module = compiled_build(pg_session)
     assert server._PG_SESSION is module.PgSession
     assert server._PG_SESSION is not pg_session.PgSession
     assert server._PG_SESSION.__module__ == pg_session.COMPILED_MODULE
 
 
 def test_the_driver_runs_the_mysql_session_over_the_compiled_responses() -> None:
-    module = compiled_build(mysql_responses.COMPILED_MODULE)
+    module = compiled_build(mysql_responses)
     cls = server._MYSQL_SESSION
     assert cls is mysql_session.over_responses(module.Responses)
     assert issubclass(cls, mysql_session.MySqlSession) and cls is not mysql_session.MySqlSession
@@ -68,7 +69,7 @@ def _stale_then_current(
 def test_a_build_from_another_source_text_is_not_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    module = compiled_build(pg_session.COMPILED_MODULE)
+    module = compiled_build(pg_session)
     _stale_then_current(
         module,
         pg_session,
@@ -84,7 +85,7 @@ def test_a_build_from_another_source_text_is_not_used(
 def test_a_mysql_responses_build_from_another_source_text_is_not_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    module = compiled_build(mysql_responses.COMPILED_MODULE)
+    module = compiled_build(mysql_responses)
     _stale_then_current(
         module,
         mysql_responses,
@@ -110,9 +111,9 @@ def test_the_environment_can_ask_for_pure_python(monkeypatch: pytest.MonkeyPatch
 
 
 def test_the_ready_line_names_the_builds_in_use() -> None:
-    compiled_build(pg_session.COMPILED_MODULE)
-    compiled_build(mysql_responses.COMPILED_MODULE)
-    compiled_build("policies.sql._pg_fastshape_c")
+    compiled_build(pg_session)
+    compiled_build(mysql_responses)
+    compiled_build(pg_fastshape)
     assert server.builds_in_use() == (
         "PostgreSQL session compiled, MySQL responses compiled, PostgreSQL fast shapes compiled"
     )

@@ -7,7 +7,6 @@ Cython build, the one the sidecar uses."""
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Callable
 from dataclasses import replace
@@ -22,19 +21,13 @@ from policies.sql import pg_fastshape
 from policies.sql.model import StatementInfo
 from policies.sql.pg_fastshape import MARK
 from policies.sql.postgres import inspect
-from sidecar import builds
+from tests.compiled import compiled_build
 
 Shape = Callable[[str], "str | None"]
-COMPILED_MODULE = "policies.sql._pg_fastshape_c"
 
 
 def compiled() -> Shape:
-    module = builds.current(pg_fastshape.__file__, COMPILED_MODULE)
-    if module is None:
-        if os.environ.get(builds.PURE_ENV):
-            pytest.skip(f"{builds.PURE_ENV} is set: pure Python only")
-        pytest.fail(f"{COMPILED_MODULE} is not built from the current source: run `make install`")
-    fast: Shape = module.fast_shape
+    fast: Shape = compiled_build(pg_fastshape).fast_shape
     return fast
 
 
