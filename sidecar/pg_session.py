@@ -36,13 +36,8 @@ loop for a method of `PgDeciding`.
 from __future__ import annotations
 
 from collections import deque
-
-try:  # compiled by Cython (setup.py): the annotations below give C types; else inert
-    import cython
-
-    _COMPILED: bool = cython.compiled
-except ModuleNotFoundError:
-    _COMPILED = False
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from policies.spec import Action
 from policies.sql.inspect import POSTGRES, SessionState
@@ -67,6 +62,25 @@ from sidecar.pg_deciding import (
 )
 from sidecar.protocols import postgres as pg
 from sidecar.session_common import RouteContext
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+try:  # compiled by Cython (setup.py): the annotations below give C types; else inert
+    import cython
+
+    _COMPILED: bool = cython.compiled
+except ModuleNotFoundError:  # Cython is a build dependency: without it, its decorators are inert
+    _COMPILED = False
+
+    class cython:  # type: ignore[no-redef]
+        """The decorators this module takes from Cython's pure-Python mode, as no-ops."""
+
+        compiled = False
+
+        @staticmethod
+        def cfunc(function: _F) -> _F:
+            return function
+
 
 __all__ = [
     "DENIED",
@@ -118,6 +132,21 @@ _SERVER_KINDS = _kinds(
 )
 _BYTES = tuple(bytes((k,)) for k in range(256))  # one-byte values without allocating
 
+
+@cython.cfunc  # compiled: a C loop, called without Python's call protocol
+def _nul(buf: bytes, at: cython.Py_ssize_t, end: cython.Py_ssize_t) -> cython.Py_ssize_t:
+    """Where the first NUL byte of `buf[at:end]` is; -1: none. (Compiled, a loop over the
+    bytes: cheaper than `bytes.find`'s argument parsing for the short names of Bind and
+    Execute. `end` is never past the buffer: a framing loop checked the message's length.)"""
+    if not cython.compiled:
+        return buf.find(0, at, end)
+    while at < end:
+        if not buf[at]:
+            return at
+        at += 1
+    return -1
+
+
 _STARTUP, _AUTH, _READY = range(3)
 
 
@@ -159,6 +188,17 @@ class PgSession(PgDeciding):
     # -- app -> server ----------------------------------------------------------------------
 
     def client_data(self, data: bytes | bytearray) -> None:
+        """Frame and decide `data` from the app; what goes on to the server is then in
+        `to_server`, what goes back to the app in `to_client`."""
+        passed = self.client_pass(data)
+        if passed is not None:
+            self.to_server += passed
+
+    def client_pass(self, data: bytes | bytearray) -> bytes | None:
+        """`client_data` for the driver: when all of `data` goes on to the server unchanged
+        and nothing else is waiting to go either way, returns it (as `bytes`) instead of
+        copying it into `to_server`, and the driver writes it straight to the server; else
+        None, and the output is in `to_server` and `to_client` as after `client_data`."""
         cin = self._cin
         if self._phase == _STARTUP:
             cin += data
@@ -168,12 +208,12 @@ class PgSession(PgDeciding):
             except pg.ProtocolError as exc:
                 self._fail(f"invalid message from the client: {exc}")
             if self._phase == _STARTUP or self.closing is not None:
-                return
+                return None
         buf: bytes
         if cin:  # the rest of a message that came in pieces
             joined = pg.joined(cin, data, self.ctx.max_message)
             if joined is None:
-                return
+                return None
             buf = joined
         else:  # the usual case: frame the read itself, keep only an incomplete tail
             buf = data if type(data) is bytes else bytes(data)
@@ -187,7 +227,13 @@ class PgSession(PgDeciding):
         nul: cython.Py_ssize_t
         at: cython.Py_ssize_t
         limit: cython.Py_ssize_t
+        minute: cython.Py_ssize_t = -1  # read from the clock once, when a timed decision
+        now: cython.double  # is reused
+        kinds: bytes = _CLIENT_KINDS
+        portals: dict[bytes, Prepared | None] = self._portals
+        statements: dict[bytes, Prepared] = self._statements
         compiled = _COMPILED
+        done = False  # the loop ended without an exception
         out = self.to_server
         ctx = self.ctx
         # On a malformed message, what came before it is still forwarded, as it would
@@ -195,15 +241,12 @@ class PgSession(PgDeciding):
         # the input was split.
         try:
             if self.wait or self.closing is not None:
-                return
+                return None
             limit = ctx.max_message
             header = pg.unpack_header
-            kinds = _CLIENT_KINDS
             pending = self._pending
-            portals = self._portals
             engine = ctx.decider.engine
             runless = not ctx.record_all  # a plain allow then needs no audit run
-            minute = -1  # read from the clock once, when a timed decision is reused
             discarding = self._discarding
             while size - pos >= 5:
                 if compiled:
@@ -234,29 +277,23 @@ class PgSession(PgDeciding):
                 elif code == _C_BIND:
                     # Unnamed portals and statements are the rule: test a byte before
                     # searching for the NUL.
-                    nul = (
-                        pos + 5 if end > pos + 5 and not buf[pos + 5] else buf.find(0, pos + 5, end)
-                    )
-                    at = (
-                        nul + 1 if end > nul + 1 and not buf[nul + 1] else buf.find(0, nul + 1, end)
-                    )
-                    if nul < 0 or at < 0:
+                    nul = _nul(buf, pos + 5, end)
+                    at = _nul(buf, nul + 1, end) if nul >= 0 else -1
+                    if at < 0:
                         raise pg.ProtocolError(pg.UNTERMINATED)
                     name = b"" if at == nul + 1 else buf[nul + 1 : at]
                     portal = b"" if nul == pos + 5 else buf[pos + 5 : nul]
-                    portals[portal] = self._statements.get(name)
+                    portals[portal] = statements.get(name)
                     pending.append(BOUND)
                 elif code == _C_EXECUTE:
-                    if end > pos + 5 and not buf[pos + 5]:
-                        bound = portals.get(b"")
-                    else:
-                        nul = buf.find(0, pos + 5, end)
-                        if nul < 0:
-                            raise pg.ProtocolError(pg.UNTERMINATED)
-                        bound = portals.get(buf[pos + 5 : nul])
+                    nul = _nul(buf, pos + 5, end)
+                    if nul < 0:
+                        raise pg.ProtocolError(pg.UNTERMINATED)
+                    bound = portals.get(b"" if nul == pos + 5 else buf[pos + 5 : nul])
                     if bound is not None and bound.plain is engine and runless:
                         if minute < 0 <= bound.minute:
-                            minute = int(ctx.clock() // 60)
+                            now = ctx.clock()
+                            minute = int(now // 60)
                         if bound.minute < 0 or bound.minute == minute:
                             pending.append(EXECUTED)
                             pos = end
@@ -294,11 +331,12 @@ class PgSession(PgDeciding):
                         and not (known.slash and pending)
                     ):
                         if minute < 0 <= known.minute:
-                            minute = int(ctx.clock() // 60)
+                            now = ctx.clock()
+                            minute = int(now // 60)
                         if known.minute < 0 or known.minute == minute:
                             if new:
                                 self._last_parse = (bytes(buf[pos:end]), name, known)
-                            self._statements[name] = known
+                            statements[name] = known
                             pending.append(PARSED)
                             pos = end
                             continue
@@ -330,13 +368,22 @@ class PgSession(PgDeciding):
                     pos = end
                     break
                 pos = end
+            done = True
         except pg.ProtocolError as exc:
             self._fail(f"invalid message from the client: {exc}")
         finally:
             if fwd < pos:
-                out += buf[fwd:pos]
+                # All of it unchanged, nothing before it, nothing else to do: the driver
+                # writes it as it came.
+                done = done and fwd == 0 and pos == size and not out
+                if not (done and self.closing is None and not self.wait and not self.to_client):
+                    out += buf[fwd:pos]
+                    done = False
+            else:
+                done = False
             if pos < size:
                 cin += buf[pos:]
+        return buf if done else None
 
     def release(self) -> None:
         """The delay of a limited statement is over: send it and go on."""
@@ -380,12 +427,22 @@ class PgSession(PgDeciding):
     # -- server -> app ----------------------------------------------------------------------
 
     def server_data(self, data: bytes | bytearray) -> None:
+        """Frame `data` from the server; what goes on to the app is then in `to_client`."""
+        passed = self.server_pass(data)
+        if passed is not None:
+            self.to_client += passed
+
+    def server_pass(self, data: bytes | bytearray) -> bytes | None:
+        """`server_data` for the driver: when the session is under way and all of `data`
+        goes on to the app unchanged, with nothing waiting in `to_client` before it, returns
+        it (as `bytes`) for the driver to write straight to the app; else None, and the
+        output is in `to_client` as after `server_data`."""
         sin = self._sin
         buf: bytes
         if sin:  # the rest of a message that came in pieces
             joined = pg.joined(sin, data, self.ctx.max_message)
             if joined is None:
-                return
+                return None
             buf = joined
         else:
             buf = data if type(data) is bytes else bytes(data)
@@ -397,7 +454,10 @@ class PgSession(PgDeciding):
         length: cython.Py_ssize_t
         code: cython.Py_ssize_t
         limit: cython.Py_ssize_t
+        kinds: bytes = _SERVER_KINDS
         compiled = _COMPILED
+        # Under way (not authenticating: the driver then has the backend key to take).
+        ready = self._phase == _READY
         if self.closing is not None:  # nothing more goes to the app
             pos = size
             fwd = size
@@ -405,7 +465,6 @@ class PgSession(PgDeciding):
         pending = self._pending
         limit = self.ctx.max_message
         header = pg.unpack_header
-        kinds = _SERVER_KINDS
         try:
             while size - pos >= 5:
                 if compiled:
@@ -438,8 +497,10 @@ class PgSession(PgDeciding):
                                     run, pg.command_rows(tag) if kind == 0x43 else None, None
                                 )
                 elif code == _S_READY:
-                    self.transaction = _BYTES[buf[pos + 5]] if length > 4 else b""
-                    if self._phase == _AUTH:
+                    status = _BYTES[buf[pos + 5]] if length > 4 else b""
+                    if status is not self.transaction:  # a read costs less than a store
+                        self.transaction = status
+                    if not ready and self._phase == _AUTH:
                         self._phase = _READY
                     while pending:  # everything up to the Sync it answers
                         tracked, run = pending.popleft()
@@ -478,9 +539,12 @@ class PgSession(PgDeciding):
             self._fail(f"invalid message from the server: {exc}")
             pos = fwd = size
         if fwd < pos:
+            if ready and fwd == 0 and pos == size and not out and self.closing is None:
+                return buf  # all of it unchanged, nothing before it: written as it came
             out += buf[fwd:pos]
         if pos < size:
             sin += buf[pos:]
+        return None
 
     def _server_error(self, buf: bytes | bytearray, pos: int, end: int) -> bytes | None:
         """Account for an error; returns a replacement for our own raised errors, which

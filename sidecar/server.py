@@ -314,7 +314,8 @@ class Sidecar:
                 )
 
     def _factory(self, rt: _RouteRuntime) -> Callable[[], ClientSide]:
-        return lambda: ClientSide(self, rt)
+        side = PgClientSide if rt.route.protocol == "postgres" else ClientSide
+        return lambda: side(self, rt)
 
     def addresses(self, all_routes: bool = False) -> list[tuple[str, int]]:
         """Where the routes listen; with `all_routes`, one per route (configured address
@@ -505,6 +506,10 @@ class ClientSide(asyncio.Protocol):
         self.session.release()
         self.pump()
 
+    def server_side(self) -> ServerSide:
+        """The protocol of a new upstream connection."""
+        return ServerSide(self)
+
     def _start_connect(self, tried: frozenset[Instance] = frozenset()) -> None:
         self._connecting = True
         self._connect_task = _spawn(self._connect(tried))
@@ -563,7 +568,7 @@ class ClientSide(asyncio.Protocol):
             if route.protocol == "http" and route.tls.mode != "disable":
                 _, proto = await asyncio.wait_for(
                     loop.create_connection(
-                        lambda: ServerSide(self),
+                        self.server_side,
                         host,
                         port,
                         ssl=tls_context(route.tls),
@@ -573,12 +578,12 @@ class ClientSide(asyncio.Protocol):
                 )
             elif route.tls.mode == "disable" or route.protocol == "mysql":  # mysql: _mysql_tls
                 _, proto = await asyncio.wait_for(
-                    loop.create_connection(lambda: ServerSide(self), host, port),
+                    loop.create_connection(self.server_side, host, port),
                     timeout=route.connect_timeout,
                 )
             else:
                 proto = await asyncio.wait_for(
-                    connect_tls(route, address, lambda: ServerSide(self)),
+                    connect_tls(route, address, self.server_side),
                     timeout=route.connect_timeout,
                 )
         except (OSError, TimeoutError, ssl.SSLError, TlsRefused) as exc:
@@ -714,6 +719,45 @@ class ServerSide(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+
+class PgClientSide(ClientSide):
+    """A PostgreSQL app's connection. A read that goes on unchanged, as most do once the
+    session is under way, is written to the server as it came (`PgSession.client_pass`):
+    no copy, and the transport gets `bytes`, which uvloop writes without a memoryview."""
+
+    session: PgSession
+
+    def server_side(self) -> PgServerSide:
+        return PgServerSide(self)
+
+    def data_received(self, data: bytes) -> None:
+        passed = self.session.client_pass(data)
+        if passed is not None:
+            up = self.upstream
+            if up is not None and up.transport is not None and self._opening is None:
+                up.transport.write(passed)
+                return
+            self.session.to_server += passed
+        self.pump()
+
+
+class PgServerSide(ServerSide):
+    """The PostgreSQL server's connection: what goes on unchanged is written to the app as
+    it came (`PgSession.server_pass`)."""
+
+    client: PgClientSide
+
+    def data_received(self, data: bytes) -> None:
+        self.answered = True
+        client = self.client
+        passed = client.session.server_pass(data)
+        if passed is not None:
+            if client.transport is not None:
+                client.transport.write(passed)
+                return
+            client.session.to_client += passed
+        client.pump()
 
 
 _TASKS: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks

@@ -10,5 +10,6 @@ compiled: bool
 Py_ssize_t: TypeAlias = int
 bint: TypeAlias = bool
 Py_UCS4: TypeAlias = str  # one character
+double: TypeAlias = float
 
 def cfunc(function: _F) -> _F: ...

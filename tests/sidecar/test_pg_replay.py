@@ -1,8 +1,9 @@
 """`PgSession` replays byte streams captured from real clients, whole and one byte at a time.
 
 Capture, two ways:
-- through the real sidecar (in this process), with `PgSession.client_data`/`server_data`
-  wrapped to record every call's input and what it appended to `to_server`/`to_client`;
+- through the real sidecar (in this process), with `PgSession.client_pass`/`server_pass`
+  (what the driver calls) wrapped to record every call's input and its output: what it
+  appended to `to_server`/`to_client`, or the input it passed on as it came;
   the policy denies some statements, so the injection (simple and extended protocol) and
   swallowing paths run;
 - through a recording TCP relay straight to the server, with only allowed statements: a
@@ -254,9 +255,9 @@ SCENARIOS: dict[str, Callable[[Target], None]] = {
 
 @dataclass(frozen=True)
 class Call:
-    """One call the driver made: its input and what it appended to the two outputs."""
+    """One call the driver made: its input and its output in each direction."""
 
-    side: str  # "c": client_data, "s": server_data
+    side: str  # "c": client_pass, "s": server_pass
     data: bytes
     to_server: bytes
     to_client: bytes
@@ -269,23 +270,22 @@ class Recorder:
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         live = server._PG_SESSION  # the build the driver runs (compiled when built)
-        for side, name in (("c", "client_data"), ("s", "server_data")):
+        for side, name in (("c", "client_pass"), ("s", "server_pass")):
             monkeypatch.setattr(live, name, self._wrap(side, getattr(live, name)))
 
     def _wrap(
-        self, side: str, original: Callable[[PgSession, bytes], None]
-    ) -> Callable[[PgSession, bytes], None]:
-        def recorded(session: PgSession, data: bytes) -> None:
+        self, side: str, original: Callable[[PgSession, bytes], bytes | None]
+    ) -> Callable[[PgSession, bytes], bytes | None]:
+        def recorded(session: PgSession, data: bytes) -> bytes | None:
             s0, c0 = len(session.to_server), len(session.to_client)
-            original(session, data)
-            call = Call(
-                side,
-                bytes(data),
-                bytes(session.to_server[s0:]),
-                bytes(session.to_client[c0:]),
-                session.closing,
-            )
+            passed = original(session, data)  # what the driver writes as it came
+            to_server, to_client = bytes(session.to_server[s0:]), bytes(session.to_client[c0:])
+            if passed is not None:
+                assert not (to_server if side == "c" else to_client), "passed with output before"
+                to_server, to_client = (passed, to_client) if side == "c" else (to_server, passed)
+            call = Call(side, bytes(data), to_server, to_client, session.closing)
             self.sessions.setdefault(session.session_id, []).append(call)
+            return passed
 
         return recorded
 

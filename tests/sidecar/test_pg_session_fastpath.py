@@ -153,6 +153,74 @@ def test_repeated_transactions_pass_through_byte_for_byte(how: str) -> None:
     assert isinstance(ctx.sink, MemorySink) and ctx.sink.events == []
 
 
+@pytest.mark.parametrize("how", HOWS)
+def test_the_driver_gets_unchanged_reads_back_as_they_came(how: str) -> None:
+    # client_pass/server_pass (what the driver calls) give the same bytes as client_data/
+    # server_data; a read that goes on unchanged comes back itself, to be written uncopied.
+    script = pgbench_like()
+    session = ready_session(context())
+    rng = random.Random(how)
+    sent, shown = bytearray(), bytearray()
+    returned = 0
+    for side, data in script:
+        feed = session.client_pass if side == "c" else session.server_pass
+        out = session.to_server if side == "c" else session.to_client
+        for piece in pieces(data, how, rng, 16):
+            passed = feed(piece)
+            if passed is not None:
+                assert not out, "passed with output waiting before it"
+                assert how != "whole" or passed is piece
+                returned += 1
+            (sent if side == "c" else shown).extend(out if passed is None else passed)
+            out.clear()
+            assert not session.to_server and not session.to_client
+    assert bytes(sent) == b"".join(d for side, d in script if side == "c")
+    assert bytes(shown) == b"".join(d for side, d in script if side == "s")
+    if how == "whole":
+        assert returned == len(script)
+    else:
+        assert returned > 0  # the pieces that end on a message boundary
+
+
+def test_what_is_changed_held_or_waited_for_is_not_passed() -> None:
+    ctx = context()
+    session = ready_session(ctx)
+    run = pg.query(b"SELECT 1")
+    # Denied: the statement is replaced by one that raises.
+    assert session.client_pass(pg.query(b"DROP TABLE t")) is None
+    assert b"RAISE EXCEPTION" in session.to_server
+    session.to_server.clear()
+    # Output already waiting goes first: the read is appended after it.
+    session.to_server += b"waiting"
+    assert session.client_pass(run) is None and session.to_server == b"waiting" + run
+    session.to_server.clear()
+    # An incomplete message waits for the rest, then the whole of it is passed.
+    assert session.client_pass(run[:7]) is None and not session.to_server
+    assert session.client_pass(run[7:]) == run
+    # What the app has waiting for it (an answer of the sidecar's own) goes out with it.
+    session.to_client += b"answer"
+    assert session.client_pass(run) is None and session.to_server == run
+    session.to_server.clear()
+    assert session.server_pass(READY) is None and session.to_client == b"answer" + READY
+    session.to_client.clear()
+    # Terminate: the session closes once its output is written, so the driver pumps.
+    assert session.client_pass(msg(b"X", b"")) is None and session.closing == "client terminated"
+    assert session.to_server == msg(b"X", b"")
+
+
+def test_the_opening_of_a_session_is_never_passed() -> None:
+    # Until the server's first ReadyForQuery the driver has more to take from the session
+    # (the backend key for CancelRequest routing), so server reads go through to_client.
+    session = PgSession(context(), "s1")
+    params = b"user\0u\0database\0d\0\0"
+    assert session.client_pass(struct.pack("!ii", 8 + len(params), 196608) + params) is None
+    opening = msg(b"R", struct.pack("!i", 0)) + msg(b"K", struct.pack("!ii", 7, 42)) + READY
+    assert session.server_pass(opening) is None
+    assert session.to_client == opening and session.backend_key == struct.pack("!ii", 7, 42)
+    session.to_client.clear()
+    assert session.server_pass(READY) == READY
+
+
 @pytest.mark.parametrize("name", [b"", b"again"], ids=["same message", "same text"])
 def test_a_remembered_parse_is_not_trusted_while_a_setting_may_change(name: bytes) -> None:
     # With standard_conforming_strings off the server reads this text differently; the
