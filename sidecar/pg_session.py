@@ -148,6 +148,10 @@ def _nul(buf: bytes, at: cython.Py_ssize_t, end: cython.Py_ssize_t) -> cython.Py
 
 
 _STARTUP, _AUTH, _READY = range(3)
+# The two readings of text a session can have, one object each, by standard_conforming_strings:
+# the decision caches' keys hold the state, and an identical one compares without calling its
+# generated __eq__ (sessions would otherwise each hold an equal copy).
+_STATES = {True: POSTGRES, False: SessionState(standard_conforming_strings=False)}
 
 
 class PgSession(PgDeciding):
@@ -571,7 +575,7 @@ class PgSession(PgDeciding):
         key, val = name.decode("ascii", "replace"), value.decode("utf-8", "replace")
         self.params[key] = val
         if key == "standard_conforming_strings":
-            self.state = SessionState(standard_conforming_strings=val == "on")
+            self.state = _STATES[val == "on"]
             self._forget_parsed()
         elif key == "client_encoding":
             self.encoding = pg.python_codec(val)

@@ -326,3 +326,16 @@ def test_a_new_minute_costs_one_decision_then_the_shortcuts_resume(
         for _ in range(3):
             assert exchange(session, client, server) == (client, server)
         assert calls == ["_parse"]
+
+
+def test_sessions_that_read_text_alike_share_one_state() -> None:
+    # The decision caches are keyed by (state, text): sessions reading text alike must hand
+    # them the same state object, or each cache hit calls the state's generated __eq__.
+    ctx = context()
+    states = []
+    for value in (b"on", b"off", b"on", b"off"):
+        session = ready_session(ctx)
+        session.server_data(msg(b"S", b"standard_conforming_strings\0" + value + b"\0"))
+        states.append(session.state)
+    assert states[0] is states[2] is POSTGRES
+    assert states[1] is states[3] and not states[1].standard_conforming_strings
