@@ -18,9 +18,13 @@ definitions and rows (walked in bulk by `protocols.mysql.skip_rows`), and the OK
 ends a result nobody audits (`PLAIN_RESULT`: only its status flags are read). A read that
 ends on a packet boundary is forwarded in one piece, without copying it into a buffer first.
 The driver's two entry points are here too, so that the commonest command and its answer
-never leave this module: `server_data` goes straight to that loop once authenticated, and
-`client_data` forwards an execution of a prepared statement whose cached decision is a
-plain allow (`_execute_again`); the session (`sidecar/mysql_session.py`) has the rest.
+never leave this module: `server_pass` goes straight to that loop once authenticated, and
+`client_pass` forwards an execution of a prepared statement whose cached decision is a
+plain allow (`_execute_again`); the session (`sidecar/mysql_session.py`) has the rest. When
+all of a read goes on unchanged and nothing else waits, they return the read itself, which
+the driver writes as it came (`bytes`: uvloop writes them without a copy or a memoryview;
+`PassingClientSide`/`PassingServerSide` in sidecar/server.py); `client_data`/`server_data` are
+the same with the output always in `to_server`/`to_client`, for the sans-I/O callers.
 
 Cython compiles this same file into `sidecar._mysql_responses_c` (setup.py;
 docs/decisions/0013-compiled-pg-session.md): the loop's offsets, lengths and states are
@@ -162,7 +166,7 @@ class Responses:
         self, stmt_id: int, sql: str, statements: tuple[StatementInfo, ...]
     ) -> None: ...
     def _fail(self, reason: str) -> None: ...
-    def _client_data(self, data: bytes) -> None: ...
+    def _client_data(self, data: bytes) -> bytes | None: ...
     def _connection_data(self, data: bytes) -> None: ...
 
     # the session's side
@@ -195,27 +199,62 @@ class Responses:
     # the driver's entry points
 
     def client_data(self, data: bytes) -> None:
-        """The app's bytes, from the driver. The commonest command goes on here (compiled:
-        without a Python call): an execution whose decision holds (`_execute_again`); the
-        session handles the rest (`_client_data`)."""
-        if not _execute_again(self, data):
-            self._client_data(data)
+        """The app's bytes (`client_pass`); what goes on to the server is then in
+        `to_server`, what goes back to the app in `to_client`. For the sans-I/O callers
+        (tests, the session's own resumes after a wait, TLS or authentication)."""
+        passed = self.client_pass(data)
+        if passed is not None:
+            self.to_server += passed
+
+    def client_pass(self, data: bytes) -> bytes | None:
+        """The app's bytes, from the driver. When all of `data` goes on to the server
+        unchanged, in the command phase, and nothing else is waiting (both output buffers
+        empty, no wait, not closing), returns it, and the driver writes it to the server as
+        it came; else None, and the output is in `to_server` and `to_client` as after
+        `client_data`. The commonest command goes on here (compiled: without a Python
+        call): an execution whose decision holds (`_execute_again`); the session handles
+        the rest (`_client_data`)."""
+        forwarded = _execute_again(self, data)
+        if forwarded:
+            return data if forwarded == _AS_IT_CAME else None
+        return self._client_data(data)
 
     def server_data(self, data: bytes) -> None:
+        """The server's bytes (`server_pass`); what goes on to the app is then in
+        `to_client`. For the sans-I/O callers (tests)."""
+        passed = self.server_pass(data)
+        if passed is not None:
+            self.to_client += passed
+
+    def server_pass(self, data: bytes) -> bytes | None:
         """The server's bytes, from the driver: once authenticated, straight to the response
         loop (compiled: without a Python call in between); before that, the connection
-        phase's (`_connection_data`)."""
+        phase's (`_connection_data`). When the session was in the command phase as the read
+        began and all of `data` goes on to the app unchanged, with nothing waiting in
+        `to_client` before it, returns it, and the driver writes it to the app as it came;
+        else None, and the output is in `to_client` as after `server_data`. The greeting
+        (rewritten), the authentication exchange (renumbered after the sidecar's
+        SSLRequest, or answered here) and what follows it in the same read always come
+        back None: the driver then pumps, which the TLS upgrade and the commands waiting
+        for the end of authentication need."""
+        passed: bytes | None = None
         if self._phase != COMMAND_PHASE:
             self._connection_data(data)
         else:
-            _responses(self, data)
+            passed = _responses(self, data, True)
         if self._resume:  # commands the app sent before authentication ended
             self._resume = False
+            # (Authentication ends in a read begun before the command phase, never passed;
+            # were it otherwise, that read would still go to the app first.)
+            if passed is not None:
+                self.to_client += passed
+                passed = None
             self.client_data(b"")
+        return passed
 
     def responses(self, data: bytes | bytearray) -> None:
-        """Follow the server's packets and forward them (`_responses`)."""
-        _responses(self, data)
+        """Follow the server's packets and forward them into `to_client` (`_responses`)."""
+        _responses(self, data, False)
 
     def _packet(self, buf: bytes | bytearray, start: int, end: int) -> bool:
         """Follow one packet of the response at the head; True when that response ended."""
@@ -365,15 +404,24 @@ class Responses:
         return True
 
 
-@cython.cfunc  # compiled: called from `client_data` without Python's call protocol
-def _execute_again(session: Responses, data: object) -> cython.bint:
+# What `_execute_again` did with a read: not an execution it forwards (the session decides
+# it); forwarded into `to_server`; forwarded as it came (nothing else waits: the driver
+# writes the read itself).
+_NOT_MINE, _BUFFERED, _AS_IT_CAME = range(3)
+
+
+@cython.cfunc  # compiled: called from `client_pass` without Python's call protocol
+def _execute_again(session: Responses, data: object) -> cython.Py_ssize_t:
     """Forward `data` when it is one whole COM_STMT_EXECUTE (one packet in one read, in the
     command phase, nothing held) of a statement whose cached decision is a plain allow
     (nothing to audit, limit or remember) that still holds: the same policy set and, with
     time windows, the same minute (`MySqlSession._decide_prepared`). Its response is a
-    PLAIN_RESULT. False: the session decides it (`_client_data`)."""
+    PLAIN_RESULT. Returns _AS_IT_CAME when both output buffers are empty (the driver writes
+    `data` itself; nothing is copied), _BUFFERED when `data` went into `to_server` after
+    what waits there (or for what waits in `to_client`, which the driver's pump writes),
+    _NOT_MINE when the session decides it (`_client_data`)."""
     if type(data) is not bytes:
-        return False
+        return _NOT_MINE
     buf: bytes = data
     size: cython.Py_ssize_t = len(buf) - 4
     if not (
@@ -382,7 +430,7 @@ def _execute_again(session: Responses, data: object) -> cython.bint:
         and buf[3] == 0
         and (buf[0] | buf[1] << 8 | buf[2] << 16) == size
     ):
-        return False
+        return _NOT_MINE
     if (
         session._cin
         or session._phase != COMMAND_PHASE
@@ -390,37 +438,44 @@ def _execute_again(session: Responses, data: object) -> cython.bint:
         or session.closing is not None
         or session.infile
     ):
-        return False
+        return _NOT_MINE
     ctx = session.ctx
     if size > ctx.max_message:
-        return False
+        return _NOT_MINE
     decisions: dict[int, tuple[object, int, tuple[StatementInfo, ...], Decision, bool]]
     decisions = session.decisions
     cached = decisions.get(buf[5] | buf[6] << 8 | buf[7] << 16 | buf[8] << 24)
     if cached is None or not cached[4] or cached[0] is not ctx.decider.engine:
-        return False
-    if cached[1] >= 0 and cached[1] != int(ctx.clock() // 60):
-        return False
+        return _NOT_MINE
+    if cached[1] >= 0:  # a timed decision: for its minute (a C double, compiled)
+        now: cython.double = ctx.clock()
+        minute: cython.Py_ssize_t = int(now // 60)
+        if cached[1] != minute:
+            return _NOT_MINE
     session._cseq = 0
     session.pending.append(PLAIN_RESULT)
     out = session.to_server
-    out += buf
-    return True
+    if out or session.to_client:  # something waits: in order, through the driver's pump
+        out += buf
+        return _BUFFERED
+    return _AS_IT_CAME
 
 
-@cython.cfunc  # compiled: called from `server_data` without Python's call protocol
-def _responses(session: Responses, data: bytes | bytearray) -> None:
+@cython.cfunc  # compiled: called from `server_pass` without Python's call protocol
+def _responses(session: Responses, data: bytes | bytearray, whole: cython.bint) -> bytes | None:
     """Follow the server's packets and forward them; runs of bytes that need no change go
     out as they came, in one piece (the read itself when it ends on a packet boundary, as it
-    nearly always does). `session` is the session (`Responses.responses`)."""
+    nearly always does). `session` is the session (`Responses.responses`). With `whole`
+    (`server_pass`), a read that goes on all of it unchanged with nothing in `to_client`
+    before it is returned instead of appended; else None."""
     if session.closing is not None:
-        return  # nothing more goes to the app
+        return None  # nothing more goes to the app
     buf: bytes
     sin = session._sin
     if sin:  # the end of a packet the last read cut: one copy, then framed as bytes
         sin += data
         if len(sin) < 4 or len(sin) < 4 + (sin[0] | sin[1] << 8 | sin[2] << 16):
-            return  # its first packet is not complete yet: nothing to do (and no copy)
+            return None  # its first packet is not complete yet: nothing to do (and no copy)
         buf = bytes(sin)
         sin.clear()
     else:
@@ -542,7 +597,7 @@ def _responses(session: Responses, data: bytes | bytearray) -> None:
     except my.ProtocolError as exc:
         out += buf[fwd:pos]
         session._fail(f"invalid packet from the server: {exc}")
-        return
+        return None
     if where != where0:
         session._where = where
     if rows != rows0:
@@ -552,6 +607,14 @@ def _responses(session: Responses, data: bytes | bytearray) -> None:
     if continued != continued0:
         session._continued = continued
     if pos > fwd:
-        out += buf if fwd == 0 and pos == size else buf[fwd:pos]
+        if fwd == 0 and pos == size:  # all of it, unchanged
+            # Nothing before it and nothing to do after it (a sidecar's answer, a close:
+            # those are in `to_client` too): the driver writes the read itself.
+            if whole and not out and session.closing is None:
+                return buf
+            out += buf
+        else:
+            out += buf[fwd:pos]
     if pos < size:
         sin += buf[pos:]  # part of a packet: kept for the next read
+    return None

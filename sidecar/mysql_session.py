@@ -1,9 +1,10 @@
 """One MySQL/MariaDB session through the sidecar: the sans-I/O state machine.
 
-The driver (`sidecar/server.py`) feeds bytes from the app to `client_data` and bytes from the
-server to `server_data`, then writes out `to_server` and `to_client` (the same interface as
-`PgSession`). The server speaks first, so `startup_sent` is true from the start: the driver
-connects upstream as soon as the app connects.
+The driver (`sidecar/server.py`) feeds bytes from the app to `client_pass` and bytes from the
+server to `server_pass`, writes a read they return as it came, and else writes out
+`to_server` and `to_client` (the same interface as `PgSession`; `client_data`/`server_data`
+always leave the output in those buffers). The server speaks first, so `startup_sent` is
+true from the start: the driver connects upstream as soon as the app connects.
 
 - Connection phase (`sidecar/mysql_handshake.py`): the server's greeting loses TLS,
   compression and formats we do not parse from its capability flags (docs/decisions/0006);
@@ -23,7 +24,7 @@ connects upstream as soon as the app connects.
 Responses are matched to commands with a FIFO (`mysql_responses.Responses`), which also
 yields each statement's rows, duration and error for its audit event, and places the
 sidecar's own answers in order when the app has pipelined commands. That module also holds
-the driver's entry points (`client_data`, `server_data`) with the common case of each: an
+the driver's entry points (`client_pass`, `server_pass`) with the common case of each: an
 execution whose cached decision is a plain allow, and the responses once authenticated;
 this class supplies the rest (`_client_data`, `_connection_data`). It has a compiled build
 (Cython); `session_class()` gives the driver a session over it when it is current
@@ -121,8 +122,10 @@ class MySqlSession(SessionAudit, Handshake):
 
     # -- app -> server ----------------------------------------------------------------------
 
-    def _client_data(self, data: bytes) -> None:
-        """`client_data` (mysql_responses) for all but the executions it forwards itself."""
+    def _client_data(self, data: bytes) -> bytes | None:
+        """`client_pass` (mysql_responses) for all but the executions it forwards itself:
+        `data` itself when it goes on whole and unchanged with nothing else waiting, else
+        None (the output is in `to_server` and `to_client`)."""
         try:
             size = len(data) - 4
             if (  # the common case: one whole command (one packet) in one read
@@ -136,25 +139,44 @@ class MySqlSession(SessionAudit, Handshake):
                 and not self.infile
                 and size <= self.ctx.max_message
             ):
-                self._one_command(data)
-                return
+                return self._one_command(data)
+            # Pieces of packets, several packets, or the connection phase: through the
+            # input buffer, and the output always in `to_server` (never passed: the
+            # greeting, TLS and authentication must reach the driver's pump).
             self._cin += data
             self._client_packets()
         except my.ProtocolError as exc:
             self._fail(f"invalid packet from the client: {exc}")
+        return None
 
-    def _one_command(self, packet: bytes) -> None:
+    def _one_command(self, packet: bytes) -> bytes | None:
         """`_client_packets` for a read that holds one whole command packet (sequence id 0):
         the read itself goes upstream (unless rewritten, held or answered), with no copy
-        into the input buffer and back out."""
+        into the input buffer and back out. Returns it when the driver may write it as it
+        came: unchanged, and nothing else to do (nothing waiting in either buffer, no
+        wait, not closing, still in the command phase: COM_CHANGE_USER starts an
+        authentication exchange, whose packets go through the driver's pump)."""
         self._cseq = 0
         forward = self._command(packet[4:], 0)
         rewritten, self._rewritten = self._rewritten, None
-        if forward:
-            if self.wait:
-                self._held = packet if rewritten is None else rewritten
-            else:
-                self.to_server += packet if rewritten is None else rewritten
+        if not forward:
+            return None  # answered here (in `to_client`)
+        if rewritten is None:
+            if (
+                not self.wait
+                and self.closing is None
+                and self._phase == COMMAND
+                and not self.to_server
+                and not self.to_client
+            ):
+                return packet if type(packet) is bytes else bytes(packet)
+        else:
+            packet = rewritten
+        if self.wait:
+            self._held = packet
+        else:
+            self.to_server += packet
+        return None
 
     def release(self) -> None:
         """The delay of a limited command is over: send it and go on."""

@@ -1,8 +1,11 @@
 """The sidecar's asyncio driver: listeners, upstream connections, cancel routing, reloads.
 
-Each app connection gets a `PgSession` (the sans-I/O state machine) and two asyncio
-Protocols around it: bytes in, `session.client_data`/`server_data`, bytes out. Nothing else
-runs per message. On uvloop when it is installed (the default), else on asyncio's loop.
+Each app connection gets a session (`PgSession`, `MySqlSession`, `HttpSession`: sans-I/O
+state machines) and two asyncio Protocols around it: bytes in, the session's
+`client_pass`/`server_pass` (HTTP: `client_data`/`server_data`), bytes out. A database read
+the session passes unchanged is written as it came (`PassingClientSide`/`PassingServerSide`);
+anything else goes out from the session's buffers (`ClientSide.pump`). Nothing else runs
+per message. On uvloop when it is installed (the default), else on asyncio's loop.
 
 What the driver owns: connecting to the upstream (with a timeout, and TLS when configured:
 `sidecar/upstream_tls.py`; MySQL's mid-handshake upgrade here), telling the app when the
@@ -314,8 +317,13 @@ class Sidecar:
                 )
 
     def _factory(self, rt: _RouteRuntime) -> Callable[[], ClientSide]:
-        side = PgClientSide if rt.route.protocol == "postgres" else ClientSide
-        return lambda: side(self, rt)
+        return lambda: self.client_side(rt)
+
+    def client_side(self, rt: _RouteRuntime) -> ClientSide:
+        """The protocol of a new app connection on route `rt` (also `sluice run`'s)."""
+        if rt.route.protocol == "http":
+            return ClientSide(self, rt)
+        return PassingClientSide(self, rt)  # PostgreSQL, MySQL
 
     def addresses(self, all_routes: bool = False) -> list[tuple[str, int]]:
         """Where the routes listen; with `all_routes`, one per route (configured address
@@ -721,20 +729,24 @@ class ServerSide(asyncio.Protocol):
             self.transport.close()
 
 
-class PgClientSide(ClientSide):
-    """A PostgreSQL app's connection. A read that goes on unchanged, as most do once the
-    session is under way, is written to the server as it came (`PgSession.client_pass`):
-    no copy, and the transport gets `bytes`, which uvloop writes without a memoryview."""
+class PassingClientSide(ClientSide):
+    """The app's connection for a database session (PostgreSQL, MySQL): a read that goes on
+    unchanged, as most do once the session is under way, is written to the server as it
+    came (the session's `client_pass` returns it): no copy, no `pump`, and the transport
+    gets `bytes`, which uvloop writes without a memoryview. Anything else (the opening and
+    authentication, TLS, denials, holds, pieces of messages) goes through `pump`."""
 
-    session: PgSession
+    session: PgSession | MySqlSession
 
-    def server_side(self) -> PgServerSide:
-        return PgServerSide(self)
+    def server_side(self) -> PassingServerSide:
+        return PassingServerSide(self)
 
     def data_received(self, data: bytes) -> None:
         passed = self.session.client_pass(data)
         if passed is not None:
             up = self.upstream
+            # (MySQL: `up.transport` is the TLS one once `_upgrade_mysql` is done; a read is
+            # passed only in the command phase, after it.)
             if up is not None and up.transport is not None and self._opening is None:
                 up.transport.write(passed)
                 return
@@ -742,11 +754,12 @@ class PgClientSide(ClientSide):
         self.pump()
 
 
-class PgServerSide(ServerSide):
-    """The PostgreSQL server's connection: what goes on unchanged is written to the app as
-    it came (`PgSession.server_pass`)."""
+class PassingServerSide(ServerSide):
+    """The database server's connection: what goes on to the app unchanged is written as it
+    came (`server_pass`). During MySQL's TLS upgrade `_TlsStarting` hands its reads here;
+    they are the connection phase's, never passed."""
 
-    client: PgClientSide
+    client: PassingClientSide
 
     def data_received(self, data: bytes) -> None:
         self.answered = True

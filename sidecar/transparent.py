@@ -4,7 +4,7 @@ Its listening sockets are made inside the app's namespace (sidecar/netns.py) whi
 sidecar runs in the host namespace. For each accepted connection it reads where the app
 meant to go (SO_ORIGINAL_DST, or IP6T_SO_ORIGINAL_DST for IPv6), finds the route that
 destination belongs to, and hands the connection to that route's protocol machinery
-(`ClientSide` in sidecar/server.py, whatever the protocol), exactly as if the app had
+(`Sidecar.client_side` in sidecar/server.py), exactly as if the app had
 connected to the route's own listener. The sidecar then connects to the route's upstream.
 
 A destination belongs to a route when it is (in this order) the address of one of the
@@ -31,7 +31,7 @@ from typing import Any, cast
 
 from sidecar.audit import AuditEvent
 from sidecar.passthrough import Passthrough, reset
-from sidecar.server import ClientSide, Sidecar, _RouteRuntime
+from sidecar.server import Sidecar, _RouteRuntime
 
 log = logging.getLogger("sluice.transparent")
 
@@ -124,7 +124,7 @@ class TransparentListener:
         rt = self.route_for(host, port)
         if rt is not None:
             self.counts["mesh"] += 1
-            side = ClientSide(self.sidecar, rt)
+            side = self.sidecar.client_side(rt)
             transport.set_protocol(side)
             side.connection_made(transport)
             return

@@ -103,12 +103,15 @@ def frames(data: bytes | bytearray) -> list[tuple[int, bytes]]:
 
 class Script:
     """One session fed packet by packet (each whole, one byte at a time, or in random
-    pieces); `server()` and `app()` return what the sidecar sent on, as frames."""
+    pieces) through the driver's entry points (`client_pass`, `server_pass`); `server()`
+    and `app()` return what the sidecar sent on, as frames, and `passed` holds the reads
+    those entry points returned for the driver to write as they came."""
 
     def __init__(self, how: str, tls_mode: str = "disable") -> None:
         self.how = how
         self.rng = random.Random(3)
         self.starts = 0
+        self.passed: list[tuple[str, bytes]] = []
         self.s = MySqlSession(
             context(), "t-1", tls_mode, "db.internal:3306", start_tls=self._start_tls
         )
@@ -118,13 +121,21 @@ class Script:
 
     def server(self, data: bytes) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
         for piece in pieces(data, self.how, self.rng, 30):
-            self.s.server_data(piece)
+            self._written("s", self.s.server_pass(piece), self.s.to_client)
         return self._taken()
 
     def app(self, data: bytes) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
         for piece in pieces(data, self.how, self.rng, 30):
-            self.s.client_data(piece)
+            self._written("c", self.s.client_pass(piece), self.s.to_server)
         return self._taken()
+
+    def _written(self, side: str, passed: bytes | None, out: bytearray) -> None:
+        """A read the entry point returned goes on as the driver writes it: after nothing."""
+        if passed is not None:
+            assert not out, "passed with output waiting before it"
+            assert side == "s" or not self.s.to_client, "passed with an answer waiting"
+            self.passed.append((side, passed))
+            out += passed
 
     def _taken(self) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
         """(to the server, to the app) since the last call."""
@@ -375,6 +386,41 @@ def test_tls_handshake_failure_answers_the_handshake_response() -> None:
 
 
 # -- commands sent before authentication ended -------------------------------------------------
+
+
+@pytest.mark.parametrize("tls_mode", ["disable", "require"])
+@pytest.mark.parametrize("how", HOWS)
+def test_the_opening_of_a_session_is_never_passed(tls_mode: str, how: str) -> None:
+    """Until authentication ends the driver has more to do than write a read as it came:
+    the greeting is rewritten, TLS starts after the sidecar's SSLRequest (the driver's
+    `_upgrade_mysql`), sequence ids are renumbered, a command sent with the handshake waits
+    for its end. Every read of the connection phase goes through the buffers and the
+    driver's pump; once authenticated, commands and their answers are passed."""
+    sc = Script(how, tls_mode)
+    _, down = sc.server(greeting())
+    assert down[0][1] != greeting()[4:]  # rewritten: TLS and more stripped
+    first = hello(_auth.scramble_caching_sha2(PASSWORD, NONCE))
+    up, _ = sc.app(my.packets(first, 1) + query("SELECT 2"))
+    if tls_mode == "require":
+        assert up == [(1, my.with_ssl(first)[:32])] and sc.starts == 1
+        sc.s.tls_started()
+        up = sc._taken()[0]
+    assert up[-1] in ((1, first), (2, my.with_ssl(first)))
+    seq = 2 if tls_mode == "disable" else 3  # after the sidecar's SSLRequest: one more
+    up, down = sc.server(my.packets(FAST_AUTH_OK, seq) + my.packets(OK, seq + 1))
+    assert down == [(2, FAST_AUTH_OK), (3, OK)]
+    assert up == [(0, b"\x03SELECT 2")]  # waited for the end, then decided
+    assert sc.passed == []
+    assert sc.server(my.packets(OK, 1)) == ([], [(1, OK)])  # SELECT 2's answer
+    assert_commands_work(sc)
+    if how == "whole":
+        assert sc.passed == [
+            ("s", my.packets(OK, 1)),
+            ("c", query("SELECT 1")),
+            ("s", my.packets(OK, 1)),
+        ]  # not the denied DROP, answered here
+    else:
+        assert sc.passed and all(data[4:] != b"\x03DROP TABLE t" for _, data in sc.passed)
 
 
 @pytest.mark.parametrize("tls_mode", ["disable", "require"])

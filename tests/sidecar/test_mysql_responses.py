@@ -18,7 +18,7 @@ from policies.loader import load_texts
 from sidecar.audit import MemorySink
 from sidecar.mysql_session import MySqlSession
 from sidecar.protocols import mysql as my
-from tests.sidecar.splits import pieces
+from tests.sidecar.splits import HOWS, pieces
 from tests.sidecar.test_mysql_replay import capture, context
 
 # Every case runs against the pure Python session and the one over the compiled response
@@ -307,6 +307,164 @@ spec:
     assert my.err_fields(bytes(s.to_client[4:])).code == my.ER_TABLEACCESS_DENIED
     assert isinstance(s.ctx.sink, MemorySink)
     assert [e.decision for e in s.ctx.sink.events] == ["deny"]
+
+
+# --- what the driver writes as it came (client_pass, server_pass) ----------------------------
+
+INSERT_OK = my.packets(b"\x00\x01\xfc\x75\x13" + OK_STATUS.to_bytes(2, "little") + b"\0\0", 1)
+PACED = """\
+apiVersion: sluice/v1
+kind: Policy
+metadata: {name: guard}
+spec:
+  destination: orders-db
+  rules:
+    - {name: no-drop, sql: {verbs: [DROP]}, action: deny}
+    - name: paced
+      sql: {verbs: [INSERT], tables: [paced]}
+      action: limit
+      limit: {rate: 1, per: 1s, burst: 1, scope: source-app}
+      on_exceed: delay
+      max_delay: 2s
+"""
+
+
+def sysbench_like(deprecate_eof: bool) -> list[tuple[str, bytes]]:
+    """Transactions as sysbench sends them with server-side prepared statements: BEGIN and
+    COMMIT as queries, executions of statements prepared once (rows; an INSERT's OK with an
+    insert id)."""
+    select = my.packets(b"\x16SELECT c FROM sbtest1 WHERE id=?", 0)
+    insert = my.packets(b"\x16INSERT INTO sbtest1 (id, k, c, pad) VALUES (?, ?, ?, ?)", 0)
+    script = [("c", select), ("s", prepare_ok(1, deprecate_eof))]
+    script += [("c", insert), ("s", prepare_ok(2, deprecate_eof))]
+    row = binary_row(b"x" * 119)
+    for _ in range(4):
+        script += [("c", query("BEGIN")), ("s", my.packets(ok(), 1))]
+        script += [("c", execute(1)), ("s", result_set([row], deprecate_eof)[0])]
+        script += [("c", execute(2)), ("s", INSERT_OK)]
+        script += [("c", query("COMMIT")), ("s", my.packets(ok(), 1))]
+    return script
+
+
+@pytest.mark.parametrize("deprecate_eof", [False, True])
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("record_all", [True, False])
+def test_the_driver_gets_unchanged_reads_back_as_they_came(
+    how: str, deprecate_eof: bool, record_all: bool
+) -> None:
+    # client_pass/server_pass (what the driver calls) give the same bytes and audit events
+    # as client_data/server_data; a read that goes on unchanged comes back itself, to be
+    # written uncopied. (record_all: executions decided each time, or forwarded on their
+    # cached plain decision by `_execute_again`.)
+    script = conversation(deprecate_eof, big=how == "whole")[0] + sysbench_like(deprecate_eof)
+    s = session(deprecate_eof, record_all)
+    rng = random.Random(how)
+    sent, shown = bytearray(), bytearray()
+    returned = 0
+    for side, data in script:
+        feed = s.client_pass if side == "c" else s.server_pass
+        for piece in pieces(data, how, rng, 40):
+            passed = feed(piece)
+            if passed is not None:
+                assert not s.to_server and not s.to_client, "passed with output waiting"
+                assert how != "whole" or passed is piece
+                (sent if side == "c" else shown).extend(passed)
+                returned += 1
+            sent += s.to_server
+            shown += s.to_client
+            s.to_server.clear()
+            s.to_client.clear()
+    assert bytes(sent) == b"".join(d for side, d in script if side == "c")
+    assert bytes(shown) == b"".join(d for side, d in script if side == "s")
+    assert not s.pending and s.closing is None
+    buffered = session(deprecate_eof, record_all)
+    play(buffered, script, how, seed=0)
+    assert audit(s) == audit(buffered)
+    if how == "whole":
+        assert returned == len(script)
+    else:
+        assert returned > 0  # the reads that end a packet the app's command or the server's
+
+
+def test_what_is_changed_held_or_waited_for_is_not_passed() -> None:
+    s = session(False, record_all=False)
+    select, rows, done = query("SELECT c FROM t"), result_set([b"\x011"], False)[0], ok()
+
+    def taken() -> tuple[bytes, bytes]:
+        """(to the server, to the app) since the last call."""
+        out = bytes(s.to_server), bytes(s.to_client)
+        s.to_server.clear()
+        s.to_client.clear()
+        return out
+
+    # Denied: the sidecar's ERR (its sequence id after the command's) goes back.
+    assert s.client_pass(query("DROP TABLE t")) is None
+    up, down = taken()
+    assert up == b"" and down[3] == 1
+    assert my.err_fields(down[4:]).code == my.ER_TABLEACCESS_DENIED
+    # Cut before its denied statement: the prefix goes rewritten, and the end of its result
+    # is flagged (more results follow) before the sidecar's ERR.
+    assert s.client_pass(query("SELECT 1; DROP TABLE t")) is None
+    assert taken() == (query("SELECT 1; "), b"")
+    assert s.server_pass(rows) is None
+    down = taken()[1]
+    assert down[: len(rows)] != rows and len(down) > len(rows)
+    assert my.err_fields(down[len(rows) + 4 :]).code == my.ER_TABLEACCESS_DENIED
+    # Output already waiting goes first: the read is appended after it.
+    s.to_server += b"waiting"
+    assert s.client_pass(select) is None and taken() == (b"waiting" + select, b"")
+    s.to_client += b"waiting"
+    assert s.server_pass(rows) is None and taken() == (b"", b"waiting" + rows)
+    # The same for an execution forwarded on its cached plain decision (`_execute_again`),
+    # and what the app has waiting for it (an answer of the sidecar's own) goes out with it.
+    prepare = my.packets(b"\x16SELECT c FROM t WHERE id = ?", 0)
+    assert s.client_pass(prepare) == prepare
+    assert s.server_pass(prepare_ok(1, False)) == prepare_ok(1, False)
+    assert s.client_pass(execute(1)) == execute(1) and s.decisions[1][4]  # now cached
+    assert s.server_pass(rows) == rows
+    s.to_client += b"answer"
+    assert s.client_pass(execute(1)) is None and taken() == (execute(1), b"answer")
+    assert s.server_pass(rows) == rows
+    s.to_server += b"waiting"
+    assert s.client_pass(execute(1)) is None and taken() == (b"waiting" + execute(1), b"")
+    assert s.server_pass(rows) == rows
+    # An incomplete packet waits for the rest: the server's is then passed whole, the app's
+    # goes through the input buffer; so do two commands in one read.
+    assert s.client_pass(select[:3]) is None and s.client_pass(select[3:]) is None
+    assert taken() == (select, b"")
+    assert s.server_pass(rows[:3]) is None and not s.to_client
+    assert s.server_pass(rows[3:]) == rows
+    assert s.client_pass(select + select) is None and taken() == (select + select, b"")
+    assert s.server_pass(rows + rows) == rows + rows
+    # A statement never prepared: answered here.
+    assert s.client_pass(execute(9)) is None
+    up, down = taken()
+    assert up == b"" and my.err_fields(down[4:]).code == my.ER_UNKNOWN_STMT_HANDLER
+    # Delayed by a limit: held until released; what the server says meanwhile goes on.
+    s.ctx.decider.use(Engine(load_texts([("p.yaml", PACED)])))
+    insert = query("INSERT INTO paced VALUES (1)")
+    assert s.client_pass(insert) == insert  # the burst
+    assert s.client_pass(insert) is None and s.wait > 0 and taken() == (b"", b"")
+    assert s.server_pass(my.packets(done, 1)) == my.packets(done, 1)
+    s.release()
+    assert taken() == (insert, b"")
+    assert s.server_pass(my.packets(done, 1)) == my.packets(done, 1)
+    # COM_CHANGE_USER starts an authentication exchange: it and the server's answers go
+    # through the driver's pump; commands after it are passed again.
+    change = my.packets(b"\x11other\0\0", 0)
+    assert s.client_pass(change) is None and taken() == (change, b"")
+    assert s.server_pass(my.packets(done, 1)) is None and taken() == (b"", my.packets(done, 1))
+    assert s.client_pass(select) == select and s.server_pass(rows) == rows
+    # A malformed answer: the session closes with an ERR to the app, and nothing more goes.
+    assert s.client_pass(select) == select
+    assert s.server_pass(my.packets(b"\x00\xfe\x01\x02\x03\x04", 1)) is None
+    assert s.closing is not None and my.err_fields(taken()[1][4:]).code
+    assert s.client_pass(select) is None and s.server_pass(rows) is None
+    # COM_QUIT: the session closes once its output is written, so the driver pumps.
+    s = session(False)
+    quit_ = my.packets(b"\x01", 0)
+    assert s.client_pass(quit_) is None and s.closing == "client quit"
+    assert s.to_server == quit_
 
 
 # --- skip_rows ------------------------------------------------------------------------------

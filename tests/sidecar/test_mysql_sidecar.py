@@ -18,6 +18,10 @@ import pymysql
 import pytest
 from pymysql.constants import CLIENT
 
+from sidecar import server
+from sidecar.mysql_handshake import COMMAND
+from sidecar.mysql_session import MySqlSession
+from sidecar.server import PassingClientSide, PassingServerSide
 from tests.sidecar.conftest import GUARD_POLICY, RunningSidecar
 
 pytestmark = pytest.mark.mariadb
@@ -78,6 +82,37 @@ def connect(sc: RunningSidecar, db: str, **extra: object) -> pymysql.Connection:
     return pymysql.connect(
         host=sc.host, port=sc.port, user=USER, database=db, autocommit=True, **extra
     )
+
+
+class Passes:
+    """Records the reads the live driver's MySQL session (`server._MYSQL_SESSION`, the
+    compiled build when it is current) returned from `client_pass`/`server_pass` to be
+    written as they came: (side, the session's phase as the read came, the read)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reads: list[tuple[str, int, bytes]] = []
+        live = server._MYSQL_SESSION
+        for side, name in (("c", "client_pass"), ("s", "server_pass")):
+            monkeypatch.setattr(live, name, self._wrap(side, getattr(live, name)))
+
+    def _wrap(
+        self, side: str, original: Callable[[MySqlSession, bytes], bytes | None]
+    ) -> Callable[[MySqlSession, bytes], bytes | None]:
+        def recorded(session: MySqlSession, data: bytes) -> bytes | None:
+            phase = session._phase
+            passed = original(session, data)
+            if passed is not None:
+                self.reads.append((side, phase, bytes(passed)))
+            return passed
+
+        return recorded
+
+    def sides(self) -> list[str]:
+        return [side for side, _, _ in self.reads]
+
+    def check_phases(self) -> None:
+        """Nothing was passed before the command phase (greeting, TLS, authentication)."""
+        assert all(phase == COMMAND for _, phase, _ in self.reads)
 
 
 def test_pymysql_deny_answers_1142_and_the_session_continues(start_mysql, db: str) -> None:
@@ -395,6 +430,44 @@ def test_audit_events(start_mysql, db: str) -> None:
     denied = by_statement["DROP TABLE keep"]
     assert (denied.decision, denied.rule, denied.error) == ("deny", "guard/no-drop", "42000")
     assert by_statement["SELECT * FROM no_such_table"].error == "42S02"
+
+
+def test_the_driver_writes_unchanged_reads_as_they_came(
+    start_sidecar: Callable[..., RunningSidecar], db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver's MySQL sides write what the session passes on unchanged straight to the
+    other side (`PassingClientSide`/`PassingServerSide`): executions of a prepared statement
+    (audit non-allow: on their cached plain decision), their rows, allowed queries; never
+    the connection phase, nor a denial. The app sees the server's answers and the
+    sidecar's, in order."""
+    passes = Passes(monkeypatch)
+    sc = start_sidecar(POLICY, protocol="mysql", upstream=(HOST, PORT), record="non-allow")
+    cnx = mysql.connector.connect(
+        host=sc.host, port=sc.port, user=USER, database=db, autocommit=True, use_pure=True
+    )
+    try:
+        assert sc.sidecar is not None
+        (side,) = sc.sidecar.routes[0].sessions
+        assert type(side) is PassingClientSide and type(side.upstream) is PassingServerSide
+        opened = len(passes.reads)
+        cur = cnx.cursor(prepared=True)
+        for i in (1, 2, 3, 2, 1):
+            cur.execute("SELECT id FROM keep WHERE id = %s", (i,))
+            assert cur.fetchall() == [(i,)]
+        plain = cnx.cursor()
+        with pytest.raises(mysql.connector.Error) as info:
+            plain.execute("DROP TABLE keep")
+        assert info.value.errno == 1142
+        plain.execute("SELECT count(*) FROM keep")
+        assert plain.fetchall() == [(5,)]
+    finally:
+        cnx.close()
+    assert truth(db) == ((5,),)
+    passes.check_phases()
+    sides = passes.sides()[opened:]
+    # The prepare, five executions and the count, and their answers.
+    assert sides.count("c") >= 7 and sides.count("s") >= 7
+    assert all(b"DROP" not in data for _, _, data in passes.reads)
 
 
 def test_load_data_local_infile_passes_through(start_mysql, db: str, tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from sidecar.config import UpstreamTls, load_config
 from sidecar.protocols import mysql as my
 from tests.sidecar.conftest import GUARD_POLICY, RunningSidecar
 from tests.sidecar.pgcluster import Certs, free_port, make_certs
+from tests.sidecar.test_mysql_sidecar import Passes
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.slow]
 
@@ -245,8 +246,16 @@ def test_control_a_require_ssl_user_is_refused_over_a_plaintext_route(through) -
     ],
 )
 def test_tls_modes_encrypt_the_servers_connection(
-    through, server: MariaDbServer, mode: str, ca: str | None, server_name: str | None
+    through,
+    server: MariaDbServer,
+    mode: str,
+    ca: str | None,
+    server_name: str | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The driver passes reads once authenticated (over the upgraded connection), never
+    # during the handshake it upgrades, nor during COM_CHANGE_USER's authentication.
+    passes = Passes(monkeypatch)
     sc = through(mode, getattr(server.certs, ca) if ca else None, server_name)
     with connect(sc, "u_tls") as c:
         assert one(c, "SHOW STATUS LIKE 'Ssl_cipher'")  # a cipher: the server's side is TLS
@@ -271,6 +280,8 @@ def test_tls_modes_encrypt_the_servers_connection(
         assert plain.fetchall() == [("u_native@%",)]
     finally:
         cnx.close()
+    passes.check_phases()
+    assert "c" in passes.sides() and "s" in passes.sides()
 
 
 def test_config_file_mysql_route_with_tls(server: MariaDbServer, tmp_path: Path) -> None:
