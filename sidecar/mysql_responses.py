@@ -23,7 +23,7 @@ never leave this module: `server_pass` goes straight to that loop once authentic
 plain allow (`_execute_again`); the session (`sidecar/mysql_session.py`) has the rest. When
 all of a read goes on unchanged and nothing else waits, they return the read itself, which
 the driver writes as it came (`bytes`: uvloop writes them without a copy or a memoryview;
-`PassingClientSide`/`PassingServerSide` in sidecar/server.py); `client_data`/`server_data` are
+`PassingClientSide`/`PassingServerSide` in sidecar/connection.py); `client_data`/`server_data` are
 the same with the output always in `to_server`/`to_client`, for the sans-I/O callers.
 
 Cython compiles this same file into `sidecar._mysql_responses_c` (setup.py;

@@ -18,10 +18,10 @@ import pymysql
 import pytest
 from pymysql.constants import CLIENT
 
-from sidecar import server
+from sidecar import connection
+from sidecar.connection import PassingClientSide, PassingServerSide
 from sidecar.mysql_handshake import COMMAND
 from sidecar.mysql_session import MySqlSession
-from sidecar.server import PassingClientSide, PassingServerSide
 from tests.sidecar.conftest import GUARD_POLICY, RunningSidecar
 
 pytestmark = pytest.mark.mariadb
@@ -85,13 +85,13 @@ def connect(sc: RunningSidecar, db: str, **extra: object) -> pymysql.Connection:
 
 
 class Passes:
-    """Records the reads the live driver's MySQL session (`server._MYSQL_SESSION`, the
+    """Records the reads the live driver's MySQL session (`connection.MYSQL_SESSION`, the
     compiled build when it is current) returned from `client_pass`/`server_pass` to be
     written as they came: (side, the session's phase as the read came, the read)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.reads: list[tuple[str, int, bytes]] = []
-        live = server._MYSQL_SESSION
+        live = connection.MYSQL_SESSION
         for side, name in (("c", "client_pass"), ("s", "server_pass")):
             monkeypatch.setattr(live, name, self._wrap(side, getattr(live, name)))
 

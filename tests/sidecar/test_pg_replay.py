@@ -41,7 +41,7 @@ from psycopg import errors
 from policies.attributes import Peer
 from policies.decider import SqlDecider
 from policies.sql.inspect import POSTGRES
-from sidecar import server
+from sidecar import connection
 from sidecar.audit import AuditEvent, MemorySink
 from sidecar.limits import Limiter
 from sidecar.pg_session import PgSession, RouteContext
@@ -269,7 +269,7 @@ class Recorder:
     sessions: dict[str, list[Call]] = field(default_factory=dict)
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        live = server._PG_SESSION  # the build the driver runs (compiled when built)
+        live = connection.PG_SESSION  # the build the driver runs (compiled when built)
         for side, name in (("c", "client_pass"), ("s", "server_pass")):
             monkeypatch.setattr(live, name, self._wrap(side, getattr(live, name)))
 

@@ -15,20 +15,20 @@ from types import ModuleType
 import pytest
 
 from policies.sql import pg_fastshape
-from sidecar import builds, mysql_responses, mysql_session, pg_session, server
+from sidecar import builds, connection, mysql_responses, mysql_session, pg_session, server
 from tests.compiled import compiled_build
 
 
 def test_the_driver_runs_the_compiled_build() -> None:
     module = compiled_build(pg_session)
-    assert server._PG_SESSION is module.PgSession
-    assert server._PG_SESSION is not pg_session.PgSession
-    assert server._PG_SESSION.__module__ == pg_session.COMPILED_MODULE
+    assert connection.PG_SESSION is module.PgSession
+    assert connection.PG_SESSION is not pg_session.PgSession
+    assert connection.PG_SESSION.__module__ == pg_session.COMPILED_MODULE
 
 
 def test_the_driver_runs_the_mysql_session_over_the_compiled_responses() -> None:
     module = compiled_build(mysql_responses)
-    cls = server._MYSQL_SESSION
+    cls = connection.MYSQL_SESSION
     assert cls is mysql_session.over_responses(module.Responses)
     assert issubclass(cls, mysql_session.MySqlSession) and cls is not mysql_session.MySqlSession
     assert cls.__module__ == mysql_responses.COMPILED_MODULE
