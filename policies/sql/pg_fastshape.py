@@ -33,21 +33,69 @@ it saves.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
 try:  # compiled by Cython (setup.py): the annotations below give C types; else inert
     import cython
 
     COMPILED: bool = cython.compiled
-except ModuleNotFoundError:
+except ModuleNotFoundError:  # Cython is a build dependency: without it, its decorators are inert
     COMPILED = False
+
+    class cython:  # type: ignore[no-redef]
+        """The decorators this module takes from Cython's pure-Python mode, as no-ops."""
+
+        @staticmethod
+        def cfunc(function: _F) -> _F:
+            return function
+
 
 MARK = "\0"  # starts every fast shape; never in a PostgreSQL statement text
 COMPILED_MODULE = "policies.sql._pg_fastshape_c"  # this file's Cython build (setup.py)
-_FIRST_WORDS = frozenset({"select", "insert", "update", "delete"})
+_FIRST_WORDS = ("select", "insert", "update", "delete")
 # As policies.sql.postgres._CONSTANT_SENSITIVE: statements that read constants as code.
-_SENSITIVE = frozenset(
-    {"do", "explain", "create", "function", "procedure", "execute", "prepare", "call", "copy"}
+_SENSITIVE = (
+    "do",
+    "explain",
+    "create",
+    "function",
+    "procedure",
+    "execute",
+    "prepare",
+    "call",
+    "copy",
 )
 _REFUSED = frozenset("$\\-/&")
+
+
+@cython.cfunc  # compiled: a C loop, called without Python's call protocol
+def _is_word(sql: str, start: cython.Py_ssize_t, end: cython.Py_ssize_t, word: str) -> cython.bint:
+    """Whether `sql[start:end]` is `word` (lower-case ASCII letters) in any ASCII case, as
+    PostgreSQL's keyword lookup folds case (ASCII only: a word with any other character is
+    never a keyword). Compares in place: no slice, no lower-cased copy, no hash."""
+    k: cython.Py_ssize_t
+    if end - start != len(word):
+        return False
+    for k in range(end - start):  # noqa: SIM110 (compiled: a C loop; all() would be a generator)
+        # OR 0x20 folds A-Z onto a-z and maps nothing else onto a lower-case letter.
+        if (ord(sql[start + k]) | 0x20) != ord(word[k]):
+            return False
+    return True
+
+
+@cython.cfunc
+def _is_any(
+    sql: str, start: cython.Py_ssize_t, end: cython.Py_ssize_t, words: tuple[str, ...]
+) -> cython.bint:
+    """Whether `sql[start:end]` is one of `words` (`_is_word`)."""
+    word: str
+    for word in words:  # noqa: SIM110 (compiled: a C loop; any() would be a generator)
+        if _is_word(sql, start, end, word):
+            return True
+    return False
 
 
 def fast_shape(sql: str) -> str | None:
@@ -83,15 +131,11 @@ def fast_shape(sql: str) -> str | None:
                     break
             if i < n and (sql[i] == "'" or sql[i] == "$"):
                 return None  # E'...', B'...', X'...', N'...'; $ in an identifier
-            if i - start <= 9:  # the longest word checked: "procedure"
-                word = sql[start:i].lower()
-                if first:
-                    if word not in _FIRST_WORDS:
-                        return None
-                    first = False
-                elif word in _SENSITIVE:
+            if first:
+                if not _is_any(sql, start, i, _FIRST_WORDS):
                     return None
-            elif first:
+                first = False
+            elif i - start <= 9 and _is_any(sql, start, i, _SENSITIVE):  # 9: "procedure"
                 return None
         elif first:
             return None  # not a word first: not a plain SELECT, INSERT, UPDATE or DELETE
