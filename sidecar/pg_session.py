@@ -61,9 +61,10 @@ from sidecar.pg_deciding import (
     Tracked,
 )
 from sidecar.protocols import postgres as pg
-from sidecar.session_common import RouteContext
+from sidecar.session_common import RouteContext, Run
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_C = TypeVar("_C", bound=type)
 
 try:  # compiled by Cython (setup.py): the annotations below give C types; else inert
     import cython
@@ -80,6 +81,18 @@ except ModuleNotFoundError:  # Cython is a build dependency: without it, its dec
         @staticmethod
         def cfunc(function: _F) -> _F:
             return function
+
+        @staticmethod
+        def cclass(cls: _C) -> _C:
+            return cls
+
+        @staticmethod
+        def declare(*_type: object, **_visibility: object) -> None:
+            return None
+
+        double = float
+        Py_ssize_t = int
+        bint = bool
 
 
 __all__ = [
@@ -154,40 +167,31 @@ _STARTUP, _AUTH, _READY = range(3)
 _STATES = {True: POSTGRES, False: SessionState(standard_conforming_strings=False)}
 
 
-class PgSession(PgDeciding):
-    """The protocol state machine of one app connection and its server connection."""
+@cython.cclass
+class _PgWire:
+    """What the framing loops read and write per message, and the loops themselves. Compiled,
+    this is an extension type: its fields are C struct members (a read costs a few
+    instructions, where an attribute of a Python object costs about 250) and its methods
+    reach them directly. `PgSession` (a Python class over it and `PgDeciding`) holds the
+    rest of the state and the methods the loops leave for; in pure Python both are plain
+    classes. The fields are public: the deciding half, the driver and the tests read them."""
 
-    protocol = "postgres"
-    deallocate_all = "*"  # DEALLOCATE ALL
-
-    def __init__(self, ctx: RouteContext, session_id: str) -> None:
-        self.ctx = ctx
-        self.session_id = session_id
-        self.to_client = bytearray()
-        self.to_server = bytearray()
-        self.closing: str | None = None  # set: close both sides once output is flushed
-        self.startup_sent = False  # the StartupMessage is in to_server: connect upstream
-        self.cancel_packet: bytes | None = None  # a CancelRequest for the driver to route
-        self.backend_key: bytes | None = None  # BackendKeyData body: pid and secret key
-        self.params: dict[str, str] = {}
-        self.wait = 0.0  # > 0: the driver holds client input this long, then release()
-        self.transaction = b"I"
-        self._held: bytes | None = None
-        self._cin = bytearray()  # an incomplete message from the app, until the rest comes
-        self._sin = bytearray()  # the same from the server
-        self._phase = _STARTUP
-        self._pending: deque[Tracked] = deque()
-        self._discarding = False  # after a denied Parse/Execute: drop until Sync
-        self._statements: dict[bytes, Prepared] = {}  # by statement name
-        self._portals: dict[bytes, Prepared | None] = {}  # what each portal was bound to
-        # Per Parse text, reset when the session's reading of text changes
-        # (standard_conforming_strings, client_encoding): apps re-Parse the same texts.
-        self._parsed: dict[bytes, Prepared] = {}
-        # The last Parse message found in `_parsed`: (message, statement name, statement).
-        self._last_parse: tuple[bytes, bytes, Prepared] | None = None
-        self._sql_prepared: dict[str, StatementInfo] = {}
-        self.state: SessionState = POSTGRES
-        self.encoding = "utf-8"
+    ctx = cython.declare(object, visibility="public")
+    to_client = cython.declare(bytearray, visibility="public")
+    to_server = cython.declare(bytearray, visibility="public")
+    closing = cython.declare(object, visibility="public")  # str | None
+    wait = cython.declare(cython.double, visibility="public")
+    transaction = cython.declare(object, visibility="public")  # bytes
+    _cin = cython.declare(bytearray, visibility="public")
+    _sin = cython.declare(bytearray, visibility="public")
+    _phase = cython.declare(cython.Py_ssize_t, visibility="public")
+    _pending = cython.declare(object, visibility="public")  # deque[Tracked]
+    _discarding = cython.declare(cython.bint, visibility="public")
+    _statements = cython.declare(dict, visibility="public")
+    _portals = cython.declare(dict, visibility="public")
+    _parsed = cython.declare(dict, visibility="public")
+    backend_key = cython.declare(object, visibility="public")  # bytes | None
+    _last_parse = cython.declare(object, visibility="public")
 
     # -- app -> server ----------------------------------------------------------------------
 
@@ -389,45 +393,6 @@ class PgSession(PgDeciding):
                 cin += buf[pos:]
         return buf if done else None
 
-    def release(self) -> None:
-        """The delay of a limited statement is over: send it and go on."""
-        held, self._held, self.wait = self._held, None, 0.0
-        if held:
-            self.to_server += held
-        self.client_data(b"")
-
-    def _startup(self) -> None:
-        buf = self._cin
-        while self._phase == _STARTUP and self.closing is None:
-            length = pg.startup_length(buf)
-            if length is None or len(buf) < length:
-                return
-            packet = bytes(buf[:length])
-            del buf[:length]
-            code = pg.startup_code(packet)
-            if code in (pg.SSL_REQUEST, pg.GSSENC_REQUEST):
-                self.to_client += b"N"  # the app talks plaintext to its local sidecar
-            elif code == pg.CANCEL_REQUEST:
-                self.cancel_packet = packet
-                self.closing = "cancel request"
-            elif code >> 16 == pg.PROTOCOL_MAJOR_3:
-                self.params = pg.startup_params(packet)
-                self.to_server += packet
-                self.startup_sent = True
-                self._phase = _AUTH
-            else:
-                major, minor = code >> 16, code & 0xFFFF
-                self._fail(f"unsupported frontend protocol {major}.{minor}")
-
-    def _close(self, buf: bytes | bytearray, pos: int, end: int) -> None:
-        if end - pos < 7:
-            raise pg.ProtocolError("Close message too short")
-        name, _ = pg.cstring(buf, pos + 6, end)
-        if buf[pos + 5] == 0x53:  # 'S'tatement
-            self._statements.pop(name, None)
-        else:
-            self._portals.pop(name, None)
-
     # -- server -> app ----------------------------------------------------------------------
 
     def server_data(self, data: bytes | bytearray) -> None:
@@ -549,6 +514,120 @@ class PgSession(PgDeciding):
         if pos < size:
             sin += buf[pos:]
         return None
+
+    # What the loops call on `PgSession` (its own methods and `PgDeciding`'s, which come
+    # first in its method order): declared here for the type checker only.
+
+    def _startup(self) -> None:
+        raise NotImplementedError
+
+    def _fail(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def _close(self, buf: bytes | bytearray, pos: int, end: int) -> None:
+        raise NotImplementedError
+
+    def _execute(
+        self, buf: bytes | bytearray, pos: int, end: int, bound: Prepared | None
+    ) -> bytes | None:
+        raise NotImplementedError
+
+    def _parse(self, buf: bytes | bytearray, pos: int, end: int) -> bytes | None:
+        raise NotImplementedError
+
+    def _query(self, buf: bytes | bytearray, pos: int, end: int) -> bytes | None:
+        raise NotImplementedError
+
+    def _function_call(self, message: bytes) -> bytes | None:
+        raise NotImplementedError
+
+    def _server_error(self, buf: bytes | bytearray, pos: int, end: int) -> bytes | None:
+        raise NotImplementedError
+
+    def _parameter(self, buf: bytes | bytearray, pos: int, end: int) -> None:
+        raise NotImplementedError
+
+    def record(self, run: Run, rows: int | None, error: str | None) -> None:
+        raise NotImplementedError
+
+
+class PgSession(PgDeciding, _PgWire):
+    """The protocol state machine of one app connection and its server connection."""
+
+    protocol = "postgres"
+    deallocate_all = "*"  # DEALLOCATE ALL
+
+    def __init__(self, ctx: RouteContext, session_id: str) -> None:
+        self.ctx = ctx
+        self.session_id = session_id
+        self.to_client = bytearray()
+        self.to_server = bytearray()
+        self.closing: str | None = None  # set: close both sides once output is flushed
+        self.startup_sent = False  # the StartupMessage is in to_server: connect upstream
+        self.cancel_packet: bytes | None = None  # a CancelRequest for the driver to route
+        self.backend_key: bytes | None = None  # BackendKeyData body: pid and secret key
+        self.params: dict[str, str] = {}
+        self.wait = 0.0  # > 0: the driver holds client input this long, then release()
+        self.transaction = b"I"
+        self._held: bytes | None = None
+        self._cin = bytearray()  # an incomplete message from the app, until the rest comes
+        self._sin = bytearray()  # the same from the server
+        self._phase = _STARTUP
+        self._pending: deque[Tracked] = deque()
+        self._discarding = False  # after a denied Parse/Execute: drop until Sync
+        self._statements: dict[bytes, Prepared] = {}  # by statement name
+        self._portals: dict[bytes, Prepared | None] = {}  # what each portal was bound to
+        # Per Parse text, reset when the session's reading of text changes
+        # (standard_conforming_strings, client_encoding): apps re-Parse the same texts.
+        self._parsed: dict[bytes, Prepared] = {}
+        # The last Parse message found in `_parsed`: (message, statement name, statement).
+        self._last_parse: tuple[bytes, bytes, Prepared] | None = None
+        self._sql_prepared: dict[str, StatementInfo] = {}
+        self.state: SessionState = POSTGRES
+        self.encoding = "utf-8"
+
+    # -- app -> server ----------------------------------------------------------------------
+
+    def release(self) -> None:
+        """The delay of a limited statement is over: send it and go on."""
+        held, self._held, self.wait = self._held, None, 0.0
+        if held:
+            self.to_server += held
+        self.client_data(b"")
+
+    def _startup(self) -> None:
+        buf = self._cin
+        while self._phase == _STARTUP and self.closing is None:
+            length = pg.startup_length(buf)
+            if length is None or len(buf) < length:
+                return
+            packet = bytes(buf[:length])
+            del buf[:length]
+            code = pg.startup_code(packet)
+            if code in (pg.SSL_REQUEST, pg.GSSENC_REQUEST):
+                self.to_client += b"N"  # the app talks plaintext to its local sidecar
+            elif code == pg.CANCEL_REQUEST:
+                self.cancel_packet = packet
+                self.closing = "cancel request"
+            elif code >> 16 == pg.PROTOCOL_MAJOR_3:
+                self.params = pg.startup_params(packet)
+                self.to_server += packet
+                self.startup_sent = True
+                self._phase = _AUTH
+            else:
+                major, minor = code >> 16, code & 0xFFFF
+                self._fail(f"unsupported frontend protocol {major}.{minor}")
+
+    def _close(self, buf: bytes | bytearray, pos: int, end: int) -> None:
+        if end - pos < 7:
+            raise pg.ProtocolError("Close message too short")
+        name, _ = pg.cstring(buf, pos + 6, end)
+        if buf[pos + 5] == 0x53:  # 'S'tatement
+            self._statements.pop(name, None)
+        else:
+            self._portals.pop(name, None)
+
+    # -- server -> app ----------------------------------------------------------------------
 
     def _server_error(self, buf: bytes | bytearray, pos: int, end: int) -> bytes | None:
         """Account for an error; returns a replacement for our own raised errors, which

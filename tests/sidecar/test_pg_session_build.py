@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,12 +21,51 @@ from policies.sql import pg_fastshape
 from sidecar import builds, connection, mysql_responses, mysql_session, pg_session, server
 from tests.compiled import compiled_build
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def test_the_driver_runs_the_compiled_build() -> None:
     module = compiled_build(pg_session)
     assert connection.PG_SESSION is module.PgSession
     assert connection.PG_SESSION is not pg_session.PgSession
     assert connection.PG_SESSION.__module__ == pg_session.COMPILED_MODULE
+
+
+def test_the_framing_state_is_an_extension_type_in_the_compiled_build() -> None:
+    # The fields the framing loops read per message are C members of `_PgWire` (the reason
+    # it exists); the deciding half, the driver and the tests still read and write them.
+    module = compiled_build(pg_session)
+    wire = module._PgWire
+    assert not hasattr(wire, "__dict__") or "__dict__" not in vars(wire)
+    for name in ("to_client", "to_server", "_pending", "_portals", "_statements", "wait"):
+        assert type(vars(wire)[name]).__name__ == "getset_descriptor", name
+    assert connection.PG_SESSION.client_pass is wire.client_pass
+    assert connection.PG_SESSION.server_pass is wire.server_pass
+
+
+def test_the_pure_modules_run_without_cython(tmp_path: Path) -> None:
+    # Cython is a build dependency: without it, the compiled sources still import and run as
+    # pure Python (their stand-in decorators), and the driver takes the pure classes.
+    script = tmp_path / "no_cython.py"
+    script.write_text(
+        textwrap.dedent(
+            """\
+            import struct, sys
+            sys.modules["cython"] = None  # import cython: ModuleNotFoundError
+            from policies.sql import pg_fastshape
+            from sidecar import connection, mysql_responses, pg_session
+            assert not pg_session._COMPILED and not mysql_responses._COMPILED
+            assert pg_fastshape.fast_shape("SELECT 1") == "\\0SELECT $i"
+            assert connection.PG_SESSION is pg_session.PgSession
+            print("ok")
+            """
+        )
+    )
+    env = {**os.environ, "SLUICE_PURE_PYTHON": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, check=False
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_the_driver_runs_the_mysql_session_over_the_compiled_responses() -> None:
