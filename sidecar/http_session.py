@@ -1,6 +1,6 @@
 """One HTTP/1.1 connection through the sidecar: the sans-I/O state machine.
 
-The driver (`sidecar/server.py`) feeds the app's bytes to `client_data` and the server's to
+The driver (`sidecar/connection.py`) feeds the app's bytes to `client_data` and the server's to
 `server_data`, then writes out `to_server` and `to_client`, exactly as for the SQL sessions.
 
 Every request is decided when its head is complete (httptools calls `on_headers_complete`):

@@ -1,6 +1,6 @@
 """One MySQL/MariaDB session through the sidecar: the sans-I/O state machine.
 
-The driver (`sidecar/server.py`) feeds bytes from the app to `client_pass` and bytes from the
+The driver (`sidecar/connection.py`) feeds bytes from the app to `client_pass` and bytes from the
 server to `server_pass`, writes a read they return as it came, and else writes out
 `to_server` and `to_client` (the same interface as `PgSession`; `client_data`/`server_data`
 always leave the output in those buffers). The server speaks first, so `startup_sent` is

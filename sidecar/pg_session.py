@@ -1,7 +1,9 @@
 """One PostgreSQL session through the sidecar: the sans-I/O state machine.
 
-The driver (`sidecar/server.py`) feeds bytes from the app to `client_data` and bytes from the
-server to `server_data`, then writes out `to_server` and `to_client`. In between, every
+The driver (`sidecar/connection.py`) feeds bytes from the app to `client_pass` and bytes from
+the server to `server_pass`; a read they return goes on as it came, else it writes out
+`to_server` and `to_client` (`client_data`/`server_data` always leave the output there, for
+the sans-I/O callers). In between, every
 statement is decided (the deciding methods live in `sidecar/pg_deciding.py`; this module
 frames both directions, matches answers to requests and keeps the session's state):
 
