@@ -37,11 +37,10 @@ import functools
 import re
 import time
 from collections.abc import Callable
-from dataclasses import replace
 
 from policies.engine import Decision
 from policies.spec import Action
-from policies.sql.inspect import MYSQL, SessionState
+from policies.sql.inspect import SessionState, session_state
 from policies.sql.model import StatementInfo, parse_error
 from sidecar import builds
 from sidecar import mysql_responses as rs
@@ -64,22 +63,11 @@ _UNDECODABLE = (
     "inspected in it)"
 )
 _SEVERITY = {Action.DENY: 2, Action.LIMIT: 1}
-_STATES: dict[tuple[int, bool, bool, bool], SessionState] = {}
 
 
 def _state(version: int, mariadb: bool, ansi: bool, nbe: bool) -> SessionState:
-    """Interned session states: they key the decider's cache."""
-    key = (version, mariadb, ansi, nbe)
-    st = _STATES.get(key)
-    if st is None:
-        st = _STATES[key] = replace(
-            MYSQL,
-            server_version=version,
-            mariadb=mariadb,
-            ansi_quotes=ansi,
-            no_backslash_escapes=nbe,
-        )
-    return st
+    """The session state of a MySQL/MariaDB server (interned: it keys the decider's cache)."""
+    return session_state("mysql", True, version, mariadb, ansi, nbe)
 
 
 class MySqlSession(SessionAudit, Handshake):

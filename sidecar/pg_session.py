@@ -42,7 +42,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from policies.spec import Action
-from policies.sql.inspect import POSTGRES, SessionState
+from policies.sql.inspect import POSTGRES, SessionState, session_state
 from policies.sql.model import StatementInfo
 from sidecar import builds
 from sidecar.pg_deciding import (
@@ -163,10 +163,6 @@ def _nul(buf: bytes, at: cython.Py_ssize_t, end: cython.Py_ssize_t) -> cython.Py
 
 
 _STARTUP, _AUTH, _READY = range(3)
-# The two readings of text a session can have, one object each, by standard_conforming_strings:
-# the decision caches' keys hold the state, and an identical one compares without calling its
-# generated __eq__ (sessions would otherwise each hold an equal copy).
-_STATES = {True: POSTGRES, False: SessionState(standard_conforming_strings=False)}
 
 
 @cython.cclass
@@ -656,7 +652,7 @@ class PgSession(PgDeciding, _PgWire):
         key, val = name.decode("ascii", "replace"), value.decode("utf-8", "replace")
         self.params[key] = val
         if key == "standard_conforming_strings":
-            self.state = _STATES[val == "on"]
+            self.state = session_state("postgres", val == "on")  # one object per reading
             self._forget_parsed()
         elif key == "client_encoding":
             self.encoding = pg.python_codec(val)

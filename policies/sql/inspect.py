@@ -58,8 +58,36 @@ class SessionState:
         )
 
 
-POSTGRES = SessionState()
-MYSQL = SessionState(dialect="mysql")
+_INTERNED: dict[tuple[Dialect, bool, int, bool, bool, bool], SessionState] = {}
+
+
+def session_state(
+    dialect: Dialect = "postgres",
+    standard_conforming_strings: bool = True,
+    server_version: int = 101100,
+    mariadb: bool = True,
+    ansi_quotes: bool = False,
+    no_backslash_escapes: bool = False,
+) -> SessionState:
+    """The one `SessionState` with these values (the fields in their order). The decision
+    caches key by the state: sessions that read text alike hand them the same object, and
+    an identical key compares without a call to the generated `__eq__`."""
+    key = (
+        dialect,
+        standard_conforming_strings,
+        server_version,
+        mariadb,
+        ansi_quotes,
+        no_backslash_escapes,
+    )
+    state = _INTERNED.get(key)
+    if state is None:
+        state = _INTERNED[key] = SessionState(*key)
+    return state
+
+
+POSTGRES = session_state()
+MYSQL = session_state("mysql")
 
 
 def inspect(sql: str, state: SessionState = POSTGRES) -> tuple[StatementInfo, ...]:

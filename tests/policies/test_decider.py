@@ -18,7 +18,14 @@ from policies.engine import Decision, Engine
 from policies.loader import load_texts
 from policies.spec import Action
 from policies.sql import mysql_shape, pg_fastshape
-from policies.sql.inspect import MYSQL, POSTGRES, InspectionCache, SessionState, inspect
+from policies.sql.inspect import (
+    MYSQL,
+    POSTGRES,
+    InspectionCache,
+    SessionState,
+    inspect,
+    session_state,
+)
 from policies.sql.model import StatementInfo
 from policies.sql.postgres import shape
 
@@ -441,3 +448,13 @@ def test_session_states_hash_by_value_once() -> None:
     assert {ansi: 1}[same] == 1
     copied = pickle.loads(pickle.dumps(ansi))
     assert copied == ansi and hash(copied) == hash(ansi)
+
+
+def test_session_state_gives_one_object_per_reading_of_text() -> None:
+    # Sessions hand the caches interned states: an identical key compares without calling
+    # the generated __eq__.
+    assert session_state() is POSTGRES and session_state("mysql") is MYSQL
+    ansi = session_state("mysql", True, 100500, False, True, False)
+    assert ansi is session_state("mysql", True, 100500, False, True, False)
+    assert ansi == SessionState("mysql", True, 100500, False, True, False) and ansi is not MYSQL
+    assert session_state("postgres", False) is not POSTGRES
